@@ -1,0 +1,99 @@
+"""Data for an experiment: a source, a seeded split and the train view its method needs (DESIGN.md, "Data").
+
+    bundle = build_data(spec.data, seed=spec.seed, views=spec.views)
+    bundle.train, bundle.test   # torch Datasets of dict items (views.py)
+    bundle.info                 # DataInfo for the trainer's build()
+    bundle.artifacts            # {"split.json": {...}}: logged by the launcher
+
+Modules: sources.py (on-disk formats), synthetic.py (generated shapes), splits.py (long tail, labeled subset),
+transforms.py (augmentations), views.py (item formats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from orchestrator.data import transforms
+from orchestrator.data.sources import ConcatImages, Source, load_source
+from orchestrator.data.splits import Split, make_split, split_artifact
+from orchestrator.data.views import MultiCropView, PlainView, Pool, TwoCropView, WeakStrongView
+from orchestrator.spec import DataSpec
+from trainers._common.contract import DataInfo
+
+VIEWS = ("plain", "weak_strong", "two_crop", "multi_crop")
+
+
+@dataclass
+class DataBundle:
+    """What `build_data` gives the launcher."""
+
+    train: Dataset  # dict items per the views; has set_epoch(epoch)
+    test: Dataset  # {"x": float32 (C,H,W), "y": int64 (), "idx": int64 ()}
+    info: DataInfo
+    artifacts: dict[str, Any]  # file name -> JSON-serialisable object
+
+
+def build_data(spec: DataSpec, seed: int, views: str) -> DataBundle:
+    """The train/test datasets of `spec` for `views`, split deterministically from `seed`.
+
+    Without a labeled subset every train image is labeled. With one (labeled_per_class / labeled_fraction),
+    "plain" trains on the labeled images only, "weak_strong" pairs them with the unlabeled pool (the whole
+    train set, plus STL-10's unlabeled_X), and "two_crop" / "multi_crop" train on the unlabeled pool.
+    """
+    if views not in VIEWS:
+        raise ValueError(f"views: expected one of {', '.join(VIEWS)}, found {views!r}")
+    if views == "weak_strong" and spec.labeled_per_class is None and spec.labeled_fraction is None:
+        raise ValueError("views 'weak_strong' needs a labeled subset: set data.labeled_per_class (or labeled_fraction)")
+    source = load_source(spec)
+    size = spec.image_size or source.default_size
+    split = make_split(
+        source.train_labels,
+        source.num_classes,
+        seed,
+        imbalance_factor=spec.imbalance_factor,
+        labeled_per_class=spec.labeled_per_class,
+        labeled_fraction=spec.labeled_fraction,
+        num_extra=len(source.extra_unlabeled) if source.extra_unlabeled is not None else 0,
+    )
+    labeled, unlabeled = _pools(source, split)
+    train = _train_view(views, spec, source, size, seed, labeled, unlabeled)
+    test_pool = Pool(source.test, np.arange(len(source.test)), source.test_labels)
+    test = PlainView(test_pool, transforms.evaluation(source, size))
+    num_train = len(labeled) if views == "plain" or unlabeled is None else len(unlabeled)
+    info = DataInfo(source.num_classes, size, source.in_channels, num_train=num_train, num_labeled=len(labeled))
+    artifact = split_artifact(split, source.train_labels, source.num_classes, spec.dataset, seed, len(source.test))
+    return DataBundle(train, test, info, {"split.json": artifact})
+
+
+def _pools(source: Source, split: Split) -> tuple[Pool, Pool | None]:
+    """The labeled set and the unlabeled pool (train images followed by the source's extra unlabeled images)."""
+    labeled = Pool(source.train, split.labeled, source.train_labels[split.labeled])
+    if split.unlabeled is None:
+        return labeled, None
+    images, labels = source.train, source.train_labels
+    if source.extra_unlabeled is not None:
+        images = ConcatImages(source.train, source.extra_unlabeled)
+        labels = np.concatenate([labels, np.full(len(source.extra_unlabeled), -1, dtype=np.int64)])
+    return labeled, Pool(images, split.unlabeled, labels[split.unlabeled])
+
+
+def _train_view(
+    views: str, spec: DataSpec, source: Source, size: int, seed: int, labeled: Pool, unlabeled: Pool | None
+) -> Dataset:
+    if views == "plain":
+        return PlainView(labeled, transforms.weak(source, size))
+    if views == "weak_strong":
+        weak, strong = transforms.weak(source, size), transforms.strong(source, size)
+        return WeakStrongView(labeled, unlabeled, weak, strong, spec.unlabeled_ratio, seed)
+    pool = labeled if unlabeled is None else unlabeled  # self-supervised views ignore labels: the whole pool
+    if views == "two_crop":
+        return TwoCropView(pool, transforms.contrastive(source, size, scale=(0.2, 1.0)))
+    local_size = max(8, round(size * 96 / 224))
+    global_view = transforms.contrastive(source, size, scale=(0.14, 1.0))
+    local_view = transforms.contrastive(source, local_size, scale=(0.05, 0.14))
+    local_shape = (source.in_channels, local_size, local_size)
+    return MultiCropView(pool, global_view, local_view, spec.num_local_crops, local_shape)

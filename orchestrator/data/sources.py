@@ -1,0 +1,325 @@
+"""Dataset sources: uint8 images and integer labels read from each dataset's standard on-disk format.
+
+Nothing here fakes a dataset (DESIGN.md, "Data"): the defaults that need no files are `digits`, which ships with
+scikit-learn, and `synthetic`, shapes this project generates procedurally (orchestrator/data/synthetic.py).
+Every image store returns one uint8 tensor (C,H,W) per index; augmentation happens in views.py.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from orchestrator.data.synthetic import SHAPES, shapes
+from orchestrator.spec import DataSpec
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+STL10_MEAN, STL10_STD = (0.4408, 0.4279, 0.3867), (0.2682, 0.2610, 0.2686)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+class Images(Protocol):
+    """An indexable store of images; item i is a uint8 tensor (C,H,W)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+
+
+@dataclass
+class Source:
+    """A dataset's train and test images with labels, and how its images may be cropped and normalised.
+
+    crop: "fixed" - every image is default_size x default_size (in-memory arrays, STL-10 binaries);
+          "imagenet" - photos of any size: RandomResizedCrop for training, resize 256/224 + center crop for eval;
+          "center" - images of any size, resized (shorter side) and center-cropped, then treated as "fixed".
+    extra_unlabeled: images without labels that join the unlabeled pool (STL-10's unlabeled_X.bin).
+    """
+
+    train: Images
+    train_labels: np.ndarray  # (N_train,) int64
+    test: Images
+    test_labels: np.ndarray  # (N_test,) int64
+    num_classes: int
+    in_channels: int
+    default_size: int  # image_size when the spec leaves it out
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop: Literal["fixed", "imagenet", "center"] = "fixed"
+    hflip: bool = True  # whether horizontal flips preserve the labels
+    extra_unlabeled: Images | None = None
+
+
+def load_source(spec: DataSpec) -> Source:
+    """The `Source` named by `spec.dataset`, read from `spec.root` where it needs files."""
+    loaders = {
+        "digits": _digits,
+        "cifar10": _cifar,
+        "cifar100": _cifar,
+        "stl10": _stl10,
+        "imagefolder": _imagefolder,
+        "parquet": _parquet,
+        "synthetic": _synthetic,
+    }
+    return loaders[spec.dataset](spec)
+
+
+# ---------------------------------------------------------------------------------------------- image stores
+
+
+class TensorImages:
+    """Images held in memory as one uint8 tensor (N,C,H,W)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+class Stl10Binary:
+    """An STL-10 `*_X.bin` file, memory-mapped; each image is 3x96x96 uint8 stored column-major (W before H)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.length = path.stat().st_size // (3 * 96 * 96)
+        self._array: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._array is None:
+            self._array = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.length, 3, 96, 96))
+        return torch.from_numpy(np.ascontiguousarray(self._array[i].transpose(0, 2, 1)))  # (3,W,H) -> (3,H,W)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}  # loader workers map the file again rather than copy it
+
+
+class FileImages:
+    """Image files decoded with PIL when an item is read."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.paths[i]) as image:
+            return pil_to_tensor(image.convert("RGB"))
+
+
+class EncodedImages:
+    """Encoded PNG/JPEG bytes (a pyarrow binary array) decoded with PIL when an item is read."""
+
+    def __init__(self, values: pa.Array):
+        self.values = values
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(io.BytesIO(self.values[i].as_py())) as image:
+            return pil_to_tensor(image.convert("RGB"))
+
+
+class ConcatImages:
+    """`first` followed by `second`."""
+
+    def __init__(self, first: Images, second: Images):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.first[i] if i < len(self.first) else self.second[i - len(self.first)]
+
+
+# ---------------------------------------------------------------------------------------------- in memory
+
+
+def _digits(spec: DataSpec) -> Source:
+    """scikit-learn's bundled 8x8 digits; a fixed stratified 75/25 split (random_state=0): 1347 / 450 images."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy(np.round(digits.images * (255 / 16)).astype(np.uint8))[:, None]  # (1797,1,8,8)
+    labels = digits.target.astype(np.int64)
+    train, test = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=0)
+    train, test = np.sort(train), np.sort(test)
+    mean, std = _channel_stats(images[train])
+    return Source(
+        TensorImages(images[train]), labels[train], TensorImages(images[test]), labels[test],
+        num_classes=10, in_channels=1, default_size=8, mean=mean, std=std, hflip=False,
+    )
+
+
+def _synthetic(spec: DataSpec) -> Source:
+    """Procedurally generated shapes (synthetic.py): fixed generator seeds, 32 px, per_class // 4 test images."""
+    train_images, train_labels = shapes(spec.synthetic_per_class, seed=0)
+    test_images, test_labels = shapes(max(1, spec.synthetic_per_class // 4), seed=1)
+    train = torch.from_numpy(train_images)
+    mean, std = _channel_stats(train)
+    return Source(
+        TensorImages(train), train_labels, TensorImages(torch.from_numpy(test_images)), test_labels,
+        num_classes=len(SHAPES), in_channels=3, default_size=32, mean=mean, std=std,
+    )
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images (N,C,H,W), on the 0..1 scale."""
+    values = images.float().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
+    return tuple(values.mean(1).tolist()), tuple(values.std(1).tolist())
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR, STL-10
+
+
+class _CifarLayout(NamedTuple):
+    folder: str
+    train_files: list[str]
+    test_files: list[str]
+    label_key: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+CIFAR_LAYOUTS = {
+    "cifar10": _CifarLayout("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels",
+                            10, CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": _CifarLayout("cifar-100-python", ["train"], ["test"], "fine_labels", 100, CIFAR100_MEAN, CIFAR100_STD),
+}
+
+
+def _cifar(spec: DataSpec) -> Source:
+    """The CIFAR python pickle batches (`cifar-10-batches-py/`, `cifar-100-python/`), read without md5 checks."""
+    if spec.download:
+        import torchvision
+
+        dataset_cls = torchvision.datasets.CIFAR10 if spec.dataset == "cifar10" else torchvision.datasets.CIFAR100
+        dataset_cls(spec.root, train=True, download=True)
+    layout = CIFAR_LAYOUTS[spec.dataset]
+    root = Path(spec.root) / layout.folder
+    train, train_labels = _cifar_batches([root / name for name in layout.train_files], layout.label_key)
+    test, test_labels = _cifar_batches([root / name for name in layout.test_files], layout.label_key)
+    return Source(
+        TensorImages(train), train_labels, TensorImages(test), test_labels,
+        num_classes=layout.num_classes, in_channels=3, default_size=32, mean=layout.mean, std=layout.std,
+    )
+
+
+def _cifar_batches(paths: list[Path], label_key: str) -> tuple[torch.Tensor, np.ndarray]:
+    """Images uint8 (N,3,32,32) and labels (N,) from CIFAR pickle batches (dicts with `data` (N,3072) and labels)."""
+    images, labels = [], []
+    for path in paths:
+        with open(_existing(path), "rb") as f:
+            batch = {_text(key): value for key, value in pickle.load(f, encoding="bytes").items()}
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(images)), np.concatenate(labels)
+
+
+def _text(key: str | bytes) -> str:
+    return key.decode() if isinstance(key, bytes) else key
+
+
+def _stl10(spec: DataSpec) -> Source:
+    """The STL-10 binaries in `stl10_binary/` (labels 1..10 in the files), memory-mapped; 100k unlabeled extras."""
+    if spec.download:
+        import torchvision
+
+        torchvision.datasets.STL10(spec.root, split="train+unlabeled", download=True)
+    root = Path(spec.root) / "stl10_binary"
+    train_labels = np.fromfile(_existing(root / "train_y.bin"), dtype=np.uint8).astype(np.int64) - 1
+    test_labels = np.fromfile(_existing(root / "test_y.bin"), dtype=np.uint8).astype(np.int64) - 1
+    return Source(
+        Stl10Binary(_existing(root / "train_X.bin")), train_labels, Stl10Binary(_existing(root / "test_X.bin")),
+        test_labels, num_classes=10, in_channels=3, default_size=96, mean=STL10_MEAN, std=STL10_STD,
+        extra_unlabeled=Stl10Binary(_existing(root / "unlabeled_X.bin")),
+    )
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: check data.root, or set data.download: true (needs internet)")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- image files
+
+
+def _imagefolder(spec: DataSpec) -> Source:
+    """ImageNet layout: `root/train/<class>/*.jpg` and `root/val/<class>/...` (or `root/test/`); classes sorted."""
+    root = Path(spec.root)
+    train_dir = root / "train"
+    test_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), root / "val")
+    for folder in (train_dir, test_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} not found: data.root must hold train/ and val/ (or test/) folders")
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    unknown = sorted({d.name for d in test_dir.iterdir() if d.is_dir()} - set(classes))
+    if unknown:
+        raise ValueError(f"{test_dir} has class folders that train/ lacks: {unknown}")
+    train_paths, train_labels = _scan(train_dir, classes)
+    test_paths, test_labels = _scan(test_dir, classes)
+    return Source(
+        FileImages(train_paths), train_labels, FileImages(test_paths), test_labels, num_classes=len(classes),
+        in_channels=3, default_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop="imagenet",
+    )
+
+
+def _scan(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        labels += [label] * len(files)
+    return paths, np.asarray(labels, dtype=np.int64)
+
+
+def _parquet(spec: DataSpec) -> Source:
+    """Parquet shards `root/train/*.parquet` (or `root/train.parquet`) and the same for test; bytes in memory.
+
+    The image column holds encoded PNG/JPEG bytes, or a struct with a `bytes` field (as HF datasets writes it).
+    The default image size is the shorter side of the first training image.
+    """
+    train, train_labels = _parquet_split(spec, "train")
+    test, test_labels = _parquet_split(spec, "test")
+    return Source(
+        train, train_labels, test, test_labels, num_classes=int(train_labels.max()) + 1, in_channels=3,
+        default_size=min(train[0].shape[1:]), mean=IMAGENET_MEAN, std=IMAGENET_STD, crop="center",
+    )
+
+
+def _parquet_split(spec: DataSpec, split: str) -> tuple[EncodedImages, np.ndarray]:
+    root = Path(spec.root)
+    files = sorted((root / split).glob("*.parquet")) or [_existing(root / f"{split}.parquet")]
+    names = pq.read_schema(files[0]).names
+    for key, column in (("image_column", spec.image_column), ("label_column", spec.label_column)):
+        if column not in names:
+            raise KeyError(f"data.{key}: column {column!r} not in {files[0]} (columns: {names})")
+    table = pa.concat_tables(pq.read_table(f, columns=[spec.image_column, spec.label_column]) for f in files)
+    images = table.column(spec.image_column).combine_chunks()
+    if pa.types.is_struct(images.type):
+        images = images.field("bytes")
+    return EncodedImages(images), table.column(spec.label_column).to_numpy().astype(np.int64)

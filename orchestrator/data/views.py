@@ -1,0 +1,134 @@
+"""Datasets that give each family of methods its item format (supervised, semi-supervised, self-supervised).
+
+Items are dicts of tensors; every image is float32 normalised; `idx` is the image's position in the pool the
+dataset draws from (for memory banks). Every train dataset has `set_epoch(epoch)`: call it before creating the
+epoch's loader iterator (workers copy the dataset then). Per-item randomness is torch's, seeded by the launcher.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from orchestrator.data.sources import Images
+
+Transform = Callable[[torch.Tensor], torch.Tensor]  # uint8 (C,H,W) -> float32 (C,S,S)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The images at `indices` of `images` (a source's train or test set) and their labels (-1: unlabeled)."""
+
+    images: Images
+    indices: np.ndarray  # (n,)
+    labels: np.ndarray  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def image(self, j: int) -> torch.Tensor:
+        return self.images[int(self.indices[j])]
+
+
+def _scalar(value: int | np.integer) -> torch.Tensor:
+    return torch.tensor(int(value), dtype=torch.int64)
+
+
+class PlainView(Dataset):
+    """{"x": (C,S,S), "y", "idx"}: one augmented image (weak for training, the eval transform for testing)."""
+
+    def __init__(self, pool: Pool, transform: Transform):
+        self.pool, self.transform = pool, transform
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        return {"x": self.transform(self.pool.image(j)), "y": _scalar(self.pool.labels[j]), "idx": _scalar(j)}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing here depends on the epoch."""
+
+
+class WeakStrongView(Dataset):
+    """One labeled image and mu unlabeled ones (FixMatch / USB batches):
+
+    {"x_lb": (C,S,S) weak, "y_lb", "idx_lb", "x_ulb_w": (mu,C,S,S) weak, "x_ulb_s": (mu,C,S,S) strong, "idx_ulb": (mu,)}
+
+    An epoch of ceil(n_ulb / mu) items covers the unlabeled pool once: item i takes positions perm[i*mu:(i+1)*mu]
+    (wrapping) of a permutation of the pool, and the labeled image lb_perm[i % n_lb]. `set_epoch` re-draws both
+    permutations from (seed, epoch). idx_lb indexes the labeled set, idx_ulb the unlabeled pool.
+    """
+
+    def __init__(self, labeled: Pool, unlabeled: Pool, weak: Transform, strong: Transform, mu: int, seed: int):
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.weak, self.strong = weak, strong
+        self.mu, self.seed = mu, seed
+        self.set_epoch(0)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.unlabeled) / self.mu)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+        self.ulb_perm = rng.permutation(len(self.unlabeled))  # (n_ulb,)
+        self.lb_perm = rng.permutation(len(self.labeled))  # (n_lb,)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        lb = self.lb_perm[i % len(self.lb_perm)]
+        ulb = self.ulb_perm[np.arange(i * self.mu, (i + 1) * self.mu) % len(self.ulb_perm)]  # (mu,)
+        images = [self.unlabeled.image(j) for j in ulb]
+        return {
+            "x_lb": self.weak(self.labeled.image(lb)),
+            "y_lb": _scalar(self.labeled.labels[lb]),
+            "idx_lb": _scalar(lb),
+            "x_ulb_w": torch.stack([self.weak(image) for image in images]),
+            "x_ulb_s": torch.stack([self.strong(image) for image in images]),
+            "idx_ulb": torch.from_numpy(ulb.astype(np.int64)),
+        }
+
+
+class TwoCropView(Dataset):
+    """{"x1": (C,S,S), "x2": (C,S,S), "y", "idx"}: two independent views of one image (SimCLR, MoCo, BYOL)."""
+
+    def __init__(self, pool: Pool, view: Transform):
+        self.pool, self.view = pool, view
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        image = self.pool.image(j)
+        return {"x1": self.view(image), "x2": self.view(image), "y": _scalar(self.pool.labels[j]), "idx": _scalar(j)}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing here depends on the epoch."""
+
+
+class MultiCropView(Dataset):
+    """{"x_global": (2,C,S,S), "x_local": (k,C,s,s), "y", "idx"}: SwAV/DINO multi-crop of one image."""
+
+    def __init__(self, pool: Pool, global_view: Transform, local_view: Transform, num_local: int, local_shape: tuple):
+        self.pool, self.global_view, self.local_view = pool, global_view, local_view
+        self.num_local, self.local_shape = num_local, local_shape  # local_shape: (C,s,s), for k = 0
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        image = self.pool.image(j)
+        local = [self.local_view(image) for _ in range(self.num_local)]
+        return {
+            "x_global": torch.stack([self.global_view(image), self.global_view(image)]),
+            "x_local": torch.stack(local) if local else torch.zeros((0, *self.local_shape)),
+            "y": _scalar(self.pool.labels[j]),
+            "idx": _scalar(j),
+        }
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing here depends on the epoch."""

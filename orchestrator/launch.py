@@ -1,0 +1,396 @@
+"""One experiment under Ray Train v2: the driver side (`launch`) and the per-worker step loop (`train_loop`).
+
+Resume = launching the same experiment again with the same `storage_path` + `name`: Ray Train finds the run
+state there and `ray.train.get_checkpoint()` returns the latest complete checkpoint. Within a run, a worker that
+dies is restarted by Ray (`resources.max_failures`) from the same checkpoint. The checkpoint holds the model
+(with the method's EMA teachers, queues and banks), optimizer, scheduler, step, data position and every rank's
+RNG state, so a resumed run replays the lost steps exactly (with `data.loader_workers: 0`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from orchestrator import checkpoint as ckpt_io
+from orchestrator import spec as spec_mod
+from orchestrator.optim import build_optimizer, build_scheduler, default_param_groups
+from orchestrator.spec import ExperimentSpec, SpecError
+
+log = logging.getLogger("orchestrator")
+
+COMPARED_ON_RESUME = ("method", "seed", "data", "config", "optim")
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class RunOutcome:
+    metrics: dict[str, float]
+    run_id: str
+    tracking_uri: str
+    run_dir: Path
+    resumed: bool
+
+
+def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
+    """Run `spec` to completion (or resume it) on the current Ray cluster and track it in MLflow."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator import tracking
+    from orchestrator.progress import ProgressBoard, ProgressWatcher
+
+    spec = _absolute_paths(spec)
+    if spec.trainer.run is not None:
+        raise NotImplementedError(f"method {spec.method!r} uses run(cfg, ctx), which `orchestrator run` cannot launch yet")
+    run_dir = Path(spec.storage_path) / spec.name
+    _check_same_experiment(spec, run_dir)
+    uri = tracking.resolve_tracking_uri(spec.tracking.tracking_uri)
+    tracker = tracking.Tracker(uri)
+    tags = tracking.run_tags(spec.method, spec.trainer.paper, spec.data.dataset, spec_file, spec.tracking.tags)
+    run_id, resumed = tracker.open_run(run_dir / "mlflow_run.json", spec.tracking.experiment or spec.method, spec.name, tags)
+    resolved = spec_mod.to_yaml(spec)
+    if not resumed:
+        params = tracking.flatten({k: v for k, v in spec.model_dump(mode="json").items() if k != "config"})
+        params.update(tracking.flatten(_asdict(spec.method_config()), "config."))
+        tracker.log_params(run_id, params)
+        tracker.log_text(run_id, resolved, "experiment.yaml")
+    log.info("%s run %s (MLflow run %s)", "resuming" if resumed else "starting", run_dir, run_id)
+
+    board = ProgressBoard.remote()
+    watcher = ProgressWatcher(board, spec.optim.steps)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec_yaml": resolved, "tracking_uri": uri, "run_id": run_id, "board": board},
+        scaling_config=ScalingConfig(
+            num_workers=spec.resources.workers,
+            use_gpu=spec.resources.gpus_per_worker > 0,
+            resources_per_worker=_worker_resources(spec),
+            placement_strategy=spec.resources.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=spec.storage_path,
+            failure_config=FailureConfig(max_failures=spec.resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+        ),
+    )
+    watcher.start()
+    ok = False
+    try:
+        result = trainer.fit()
+        ok = result.error is None
+    finally:
+        watcher.stop()
+        ray.kill(board)
+        tracker.close(run_id, ok)
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    tracker.log_dict(run_id, metrics, "final_metrics.json")
+    tracker.log_learning_curves(run_id)
+    return RunOutcome(metrics, run_id, uri, run_dir, resumed)
+
+
+def _absolute_paths(spec: ExperimentSpec) -> ExperimentSpec:
+    """Workers chdir into their run directory, so relative paths are resolved here, against the driver's cwd."""
+    data = spec.data
+    if data.root and not _is_uri(data.root):
+        data = data.model_copy(update={"root": str(Path(data.root).expanduser().resolve())})
+    storage = spec.storage_path if _is_uri(spec.storage_path) else str(Path(spec.storage_path).expanduser().resolve())
+    return spec.model_copy(update={"data": data, "storage_path": storage})
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _check_same_experiment(spec: ExperimentSpec, run_dir: Path) -> None:
+    """Resuming `name` with a different recipe would silently mix two experiments: refuse it."""
+    saved_file = run_dir / "experiment.yaml"
+    current = spec.model_dump(mode="json")
+    if saved_file.is_file():
+        saved = yaml.safe_load(saved_file.read_text())
+        for key in COMPARED_ON_RESUME:
+            if saved.get(key) != current.get(key):
+                raise SpecError(saved_file, key, f"the same `{key}` as the run being resumed (or a new `name`)", current.get(key))
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved_file.write_text(spec_mod.to_yaml(spec))
+
+
+def _worker_resources(spec: ExperimentSpec) -> dict[str, float]:
+    resources = {"CPU": spec.resources.cpus_per_worker}
+    if spec.resources.gpus_per_worker:
+        resources["GPU"] = spec.resources.gpus_per_worker
+    return resources
+
+
+def _asdict(config: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+class TrainStep(nn.Module):
+    """Puts the method's pure `train_step` inside `forward`, so DDP sees the whole step and syncs gradients."""
+
+    def __init__(self, model: nn.Module, train_step: Any, cfg: Any):
+        super().__init__()
+        self.model, self.train_step, self.cfg = model, train_step, cfg
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        return self.train_step(self.model, batch, self.cfg, step)
+
+
+@dataclass
+class Position:
+    """Where the run is: optimizer steps done, and micro-batches consumed (the data position)."""
+
+    step: int = 0
+    micro: int = 0
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """The per-worker function that Ray Train runs on every rank."""
+    import ray.train
+    import ray.train.torch
+
+    spec = spec_mod.validate(yaml.safe_load(loop_config["spec_yaml"]))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    seed_everything(spec.seed, rank)
+
+    from orchestrator.data import build_data
+
+    method, cfg = spec.trainer, spec.method_config()
+    data = build_data(spec.data, spec.seed, spec.views)
+    model = method.build(cfg, data.info).to(device)
+    groups = method.param_groups(model, cfg) if method.param_groups else default_param_groups(model)
+    optimizer = build_optimizer(groups, spec.optim)
+    scheduler = build_scheduler(optimizer, spec.optim)
+    position = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler, rank)
+    step_module = ray.train.torch.prepare_model(TrainStep(model, method.train_step, cfg), move_to_device=False)
+
+    logger = _metric_logger(loop_config, rank, data.artifacts)
+    loop = StepLoop(spec, cfg, method, model, step_module, optimizer, scheduler, data, device, rank, world, logger,
+                    loop_config["board"])
+    loop.run(position)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def _restore(checkpoint: Any, model: nn.Module, optimizer: Any, scheduler: Any, rank: int) -> Position:
+    if checkpoint is None:
+        return Position()
+    with checkpoint.as_directory() as directory:
+        model_state, train_state, rng = ckpt_io.load(Path(directory), rank)
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(train_state["optimizer"])
+    scheduler.load_state_dict(train_state["scheduler"])
+    if rng is not None:
+        ckpt_io.restore_rng(rng)
+    log.info("rank %d resumed at step %d", rank, train_state["step"])
+    return Position(train_state["step"], train_state["micro"])
+
+
+def _metric_logger(loop_config: dict[str, Any], rank: int, artifacts: dict[str, Any]) -> Any:
+    if rank != 0:
+        return None
+    from orchestrator.tracking import MetricLogger
+
+    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
+    for name, obj in artifacts.items():
+        logger.log_dict(obj, name)
+    return logger
+
+
+class StepLoop:
+    """The step loop: accumulation, AMP, logging windows, evaluation and checkpoint reports."""
+
+    def __init__(self, spec: ExperimentSpec, cfg: Any, method: Any, model: nn.Module, step_module: nn.Module,
+                 optimizer: Any, scheduler: Any, data: Any, device: torch.device, rank: int, world: int,
+                 logger: Any, board: Any):
+        self.spec, self.cfg, self.method, self.model, self.step_module = spec, cfg, method, model, step_module
+        self.optimizer, self.scheduler, self.data, self.device = optimizer, scheduler, data, device
+        self.rank, self.world, self.logger, self.board = rank, world, logger, board
+        self.micro_batch = spec.optim.batch_size // (world * spec.optim.grad_accum)
+        use_amp = spec.optim.amp and device.type == "cuda"
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+
+    def run(self, position: Position) -> None:
+        total = self.spec.optim.steps
+        batches = step_batches(self.data.train, self.micro_batch, self.rank, self.world, self.spec.seed,
+                               position.micro, self.spec.data.loader_workers, self.device)
+        window = Window(self.spec.optim.batch_size)
+        self.model.train()
+        while position.step < total:
+            metrics = self._optimizer_step(batches, position)
+            window.add(metrics)
+            if position.step % self.spec.log_every == 0:
+                self._log(window.flush(), position.step)
+            eval_due = self.spec.eval.every and position.step % self.spec.eval.every == 0
+            ckpt_due = position.step % self.spec.checkpoint.every == 0
+            if position.step < total and (eval_due or ckpt_due):
+                reported = self.evaluate() if eval_due else {}
+                self._report(reported, position, with_checkpoint=ckpt_due)
+        if window.count:
+            self._log(window.flush(), position.step)
+        final = self.evaluate()
+        self._report(final, position, with_checkpoint=True)
+        if self.rank == 0:
+            log.info("finished at step %d: %s", position.step, json.dumps(final))
+
+    def _optimizer_step(self, batches: Iterator[dict[str, torch.Tensor]], position: Position) -> dict[str, Any]:
+        accum = self.spec.optim.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, Any] = {}
+        for i in range(accum):
+            batch = next(batches)
+            sync = i == accum - 1 or not hasattr(self.step_module, "no_sync")
+            with (nullcontext() if sync else self.step_module.no_sync()), self.autocast():
+                loss, metrics = self.step_module(batch, position.step)
+            (loss / accum).backward()
+            position.micro += 1
+        if self.spec.optim.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optim.clip_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        position.step += 1
+        if self.method.on_step_end is not None:
+            self.method.on_step_end(self.model, self.cfg, position.step)
+        return {"loss": loss.detach(), **metrics, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _log(self, averaged: dict[str, float], step: int) -> None:
+        if self.rank != 0:
+            return
+        metrics = {f"train/{k}": v for k, v in averaged.items() if k not in ("samples_per_s", "steps_per_s")}
+        metrics["train/samples_per_s"] = averaged["samples_per_s"]
+        self.logger.log(metrics, step)
+        self.board.post.remote({"step": step, **metrics, "samples_per_s": averaged["samples_per_s"],
+                                "steps_per_s": averaged["steps_per_s"]})
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """eval_step sums over this rank's share of the test set, added over ranks, divided by the count."""
+        if self.method.eval_step is None:
+            return {}
+        self.model.eval()
+        totals: dict[str, torch.Tensor] = {}
+        for batch in eval_batches(self.data.test, self.spec.eval.batch_size, self.rank, self.world, self.device):
+            with self.autocast():
+                sums = self.method.eval_step(self.model, batch, self.cfg)
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0) + value.detach().double()
+        self.model.train()
+        keys = sorted(totals)
+        stacked = torch.stack([totals[k] for k in keys]) if keys else torch.zeros(0, device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(stacked)
+        sums = dict(zip(keys, stacked.tolist()))
+        count = sums.pop("n", 0.0)
+        return {f"eval/{k}": v / count for k, v in sums.items()} if count else {}
+
+    def _report(self, metrics: dict[str, float], position: Position, with_checkpoint: bool) -> None:
+        """Every rank reports (it is a barrier); each writes its RNG, rank 0 the model and training state."""
+        import ray.train
+
+        if self.rank == 0 and metrics:
+            self.logger.log(metrics, position.step)
+        metrics = {**metrics, "step": position.step}
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        directory = Path(tempfile.mkdtemp(prefix="ckpt-"))
+        try:
+            ckpt_io.save_rng(directory, self.rank)
+            if self.rank == 0:
+                train_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                               "step": position.step, "micro": position.micro}
+                ckpt_io.save_main(directory, self.model.state_dict(), train_state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                             checkpoint_dir_name=f"checkpoint_{position.step:09d}")
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+class Window:
+    """Running means of the step metrics between two log lines, plus throughput."""
+
+    def __init__(self, global_batch: int):
+        self.global_batch = global_batch
+        self.sums: dict[str, Any] = {}
+        self.count = 0
+        self.started = time.perf_counter()
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + (value.detach() if torch.is_tensor(value) else value)
+        self.count += 1
+
+    def flush(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        means = {k: float(v) / self.count for k, v in self.sums.items()}
+        means["steps_per_s"] = self.count / elapsed
+        means["samples_per_s"] = self.count * self.global_batch / elapsed
+        self.sums, self.count, self.started = {}, 0, time.perf_counter()
+        return means
+
+
+# ---------------------------------------------------------------------------------------------- data order
+
+
+def epoch_order(n: int, micro_batch: int, rank: int, world: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's micro-batches of one epoch: a seeded permutation, split over ranks, incomplete batches dropped."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    permutation = torch.randperm(n, generator=generator)
+    per_rank = (n // world) // micro_batch * micro_batch
+    if per_rank == 0:
+        raise ValueError(f"{n} training items cannot fill one micro-batch of {micro_batch} on each of {world} workers")
+    return permutation[rank::world][:per_rank].view(-1, micro_batch).tolist()
+
+
+def step_batches(dataset: Any, micro_batch: int, rank: int, world: int, seed: int, start_micro: int,
+                 loader_workers: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Micro-batches forever, starting at micro-batch `start_micro` (the resumed data position)."""
+    per_epoch = len(epoch_order(len(dataset), micro_batch, rank, world, seed, 0))
+    epoch, offset = divmod(start_micro, per_epoch)
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        order = epoch_order(len(dataset), micro_batch, rank, world, seed, epoch)[offset:]
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=order, num_workers=loader_workers,
+                                             pin_memory=device.type == "cuda")
+        for batch in loader:
+            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        epoch, offset = epoch + 1, 0
+
+
+def eval_batches(dataset: Any, batch_size: int, rank: int, world: int,
+                 device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's share of the test set (every world-th item), each item exactly once over all ranks."""
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    for batch in torch.utils.data.DataLoader(shard, batch_size=batch_size):
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}

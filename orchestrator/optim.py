@@ -1,0 +1,80 @@
+"""Optimizers and learning-rate schedules from an experiment's `optim:` block."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from orchestrator.spec import OptimSpec
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (You et al., 2017), as used by BYOL-style recipes.
+
+    Parameters with `lars_exclude=True` in their group (biases and norms, by convention) skip weight decay and
+    the trust ratio.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001, nesterov: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, nesterov=nesterov,
+                        lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - the torch.optim signature
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if not group["lars_exclude"]:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    p_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+                    trust = torch.where((p_norm > 0) & (u_norm > 0), group["eta"] * p_norm / u_norm, 1.0)
+                    update = update.mul(trust)
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.mul_(group["momentum"]).add_(update)
+                step = update.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                p.add_(step, alpha=-group["lr"])
+        return loss
+
+
+def default_param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on weights of rank >= 2 only; biases and norm parameters are excluded (and skip LARS)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+def build_optimizer(groups: list[dict[str, Any]], spec: OptimSpec) -> torch.optim.Optimizer:
+    if spec.name == "sgd":
+        groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                               weight_decay=spec.weight_decay)
+    if spec.name == "adamw":
+        groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
+        return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+    return LARS(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=spec.nesterov)
+
+
+def lr_factor(step: int, spec: OptimSpec) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    if spec.schedule == "constant":
+        return 1.0
+    if spec.schedule == "step":
+        return spec.gamma ** sum(step >= m for m in spec.milestones)
+    progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: OptimSpec) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))

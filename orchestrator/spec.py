@@ -1,0 +1,307 @@
+"""Experiment files: YAML -> a validated, typed `ExperimentSpec` (DESIGN.md, "Experiment files").
+
+    name: supervised-digits
+    method: supervised            # a key of trainers.TRAINERS
+    base: ../common.yaml          # optional; one level only
+    data: {dataset: digits, image_size: 32}
+    config: {arch: small_cnn}     # checked against the trainer's Config dataclass
+    optim: {name: sgd, lr: 0.05, steps: 600, batch_size: 64}
+    resources: {workers: 2}
+    tracking: {experiment: quickstart}
+
+Every error names the file, the dotted key, what was expected and what was found (`SpecError`), and the CLI
+exits with status 2 before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+import trainers
+
+
+class Shown(str):
+    """A `found` value shown as written, not quoted (e.g. "an unknown key")."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+class SpecError(ValueError):
+    """A problem with an experiment file: where it is, what was expected, what was found."""
+
+    def __init__(self, file: str | Path | None, key: str, expected: str, found: Any = dataclasses.MISSING):
+        self.file, self.key, self.expected, self.found = str(file or "<overrides>"), key, expected, found
+        where = f"{self.file}: {key}" if key else self.file
+        found_txt = "" if found is dataclasses.MISSING else f", found {found!r}"
+        super().__init__(f"{where}: expected {expected}{found_txt}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+DATASETS_NEEDING_ROOT = {"cifar10", "cifar100", "stl10", "imagefolder", "parquet"}
+
+
+class DataSpec(_Strict):
+    dataset: Literal["digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet", "synthetic"]
+    root: str | None = None
+    download: bool = False  # cifar10/cifar100/stl10 only, on machines with internet
+    image_size: int | None = Field(default=None, gt=0)  # None: the dataset's native size
+    labeled_per_class: int | None = Field(default=None, gt=0)
+    labeled_fraction: float | None = Field(default=None, gt=0, le=1)
+    imbalance_factor: float | None = Field(default=None, ge=1)  # long tail: n_c = n_max * IF ** (-c / (C - 1))
+    views: Literal["plain", "weak_strong", "two_crop", "multi_crop"] | None = None  # None: the method's views
+    unlabeled_ratio: int = Field(default=7, gt=0)  # mu: unlabeled images per labeled one (weak_strong)
+    num_local_crops: int = Field(default=6, ge=0)  # multi_crop
+    loader_workers: int = Field(default=2, ge=0)
+    synthetic_per_class: int = Field(default=200, gt=0)
+    image_column: str = "image"  # parquet
+    label_column: str = "label"  # parquet
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSpec":
+        if self.labeled_per_class is not None and self.labeled_fraction is not None:
+            raise ValueError("at most one of labeled_per_class and labeled_fraction")
+        if self.dataset in DATASETS_NEEDING_ROOT and not self.root:
+            raise ValueError(f"a `root` directory for dataset {self.dataset!r}")
+        return self
+
+
+class OptimSpec(_Strict):
+    name: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr: float = Field(default=0.1, gt=0)  # for the global batch size below
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    milestones: list[int] = []  # step schedule: multiply lr by gamma at these steps
+    gamma: float = Field(default=0.1, gt=0)
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)  # global: split over workers and accumulation steps
+    grad_accum: int = Field(default=1, gt=0)
+    clip_grad_norm: float | None = Field(default=None, gt=0)
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+
+
+class ResourcesSpec(_Strict):
+    workers: int = Field(default=1, gt=0)
+    cpus_per_worker: float = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(default=3, ge=-1)  # -1: retry forever
+    deepspeed: None = None  # DeepSpeed configs arrive with the language-model trainer
+
+
+class EvalSpec(_Strict):
+    every: int | None = Field(default=None, gt=0)  # None: only at the end
+    batch_size: int = Field(default=256, gt=0)
+
+
+class CheckpointSpec(_Strict):
+    every: int = Field(default=500, gt=0)
+    keep: int = Field(default=2, gt=0)
+
+
+class TrackingSpec(_Strict):
+    experiment: str | None = None  # MLflow experiment; default: the method name
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
+    tags: dict[str, str] = {}
+
+
+class ExperimentSpec(_Strict):
+    name: str
+    method: str
+    seed: int = 0
+    data: DataSpec
+    config: dict[str, Any] = {}
+    optim: OptimSpec
+    resources: ResourcesSpec = ResourcesSpec()
+    eval: EvalSpec = EvalSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    log_every: int = Field(default=10, gt=0)
+    storage_path: str = "runs"
+    tune: None = None  # sweeps arrive with `orchestrator sweep`
+    tracking: TrackingSpec = TrackingSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_directory_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError("a name of letters, digits, '_', '.' and '-' (it names the run directory)")
+        return name
+
+    @property
+    def trainer(self) -> trainers.TrainerSpec:
+        return trainers.get(self.method)
+
+    def method_config(self) -> Any:
+        """The trainer's Config dataclass instance: its paper defaults overridden by `config:`."""
+        return method_config(self.trainer.Config, self.config)
+
+    @property
+    def views(self) -> str:
+        return self.data.views or self.trainer.views
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
+    """Read `path` (and its `base:`), apply `--set key=value` overrides, validate everything."""
+    path = Path(path)
+    raw = _merged_yaml(path)
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value, path)
+    return validate(raw, path)
+
+
+def validate(raw: dict[str, Any], path: str | Path | None = None) -> ExperimentSpec:
+    try:
+        spec = ExperimentSpec.model_validate(raw)
+    except ValidationError as err:
+        raise _spec_error(err, raw, path) from None
+    if spec.method not in trainers.TRAINERS:
+        known = ", ".join(sorted(trainers.TRAINERS))
+        raise SpecError(path, "method", f"one of the known methods ({known}){_did_you_mean(spec.method, trainers.TRAINERS)}", spec.method)
+    method_config(spec.trainer.Config, spec.config, path)
+    _check_batching(spec, path)
+    return spec
+
+
+def to_yaml(spec: ExperimentSpec) -> str:
+    """The fully resolved experiment (defaults filled in), as logged to MLflow and re-read by workers."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def _merged_yaml(path: Path) -> dict[str, Any]:
+    raw = _read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise SpecError(path, "base", "a path to another experiment file", base)
+    base_path = (path.parent / base).resolve()
+    if not base_path.is_file():
+        raise SpecError(path, "base", "an existing file", str(base_path))
+    parent = _read_yaml(base_path)
+    if "base" in parent:
+        raise SpecError(base_path, "base", "no `base:` in a base file (one level only)", parent["base"])
+    return _deep_merge(parent, raw)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SpecError(path, "", "an existing experiment file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise SpecError(path, "", f"valid YAML{line}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(path, "", "a mapping of keys at the top level", raw)
+    return raw
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(None, item, "an override of the form dotted.key=value", item)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(path, ".".join(parts[: i + 1]), "a mapping to set a key inside", child)
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _spec_error(err: ValidationError, raw: dict[str, Any], path: str | Path | None) -> SpecError:
+    first = err.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        hint = _did_you_mean(loc[-1], allowed)
+        return SpecError(path, key, f"a known key{hint} (allowed here: {', '.join(allowed)})", Shown("an unknown key"))
+    if first["type"] == "missing":
+        return SpecError(path, key, "this required key to be set", Shown("nothing"))
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        return SpecError(path, key, message.removeprefix("Value error, "), first.get("input"))
+    expected = re.sub(r"^Input should (be )?", "", message)
+    return SpecError(path, key, expected, first.get("input"))
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = ExperimentSpec
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        model = next(t for t in (annotation, *getattr(annotation, "__args__", ())) if isinstance(t, type) and issubclass(t, BaseModel))
+    return list(model.model_fields)
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def method_config(config_cls: type, values: dict[str, Any], path: str | Path | None = None) -> Any:
+    """`config_cls()` (the paper's defaults) with `values` checked against its fields and their types."""
+    hints = typing.get_type_hints(config_cls)
+    coerced = {}
+    for key, value in values.items():
+        if key not in hints:
+            fields = ", ".join(hints)
+            raise SpecError(path, f"config.{key}", f"a field of {config_cls.__module__}.Config{_did_you_mean(key, hints)} (fields: {fields})", Shown("an unknown key"))
+        try:
+            coerced[key] = TypeAdapter(hints[key]).validate_python(value)
+        except ValidationError as err:
+            raise SpecError(path, f"config.{key}", re.sub(r"^Input should (be )?", "", err.errors()[0]["msg"]), value) from None
+    return dataclasses.replace(config_cls(), **coerced)
+
+
+def _check_batching(spec: ExperimentSpec, path: str | Path | None) -> None:
+    per_step = spec.resources.workers * spec.optim.grad_accum
+    if spec.optim.batch_size % per_step:
+        raise SpecError(
+            path,
+            "optim.batch_size",
+            f"a multiple of resources.workers x optim.grad_accum = {per_step} (the global batch is split evenly)",
+            spec.optim.batch_size,
+        )

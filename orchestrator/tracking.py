@@ -1,0 +1,161 @@
+"""MLflow tracking: one MLflow run per experiment run, continued when the run resumes.
+
+The driver opens (or reopens) the run and logs params, tags and the resolved experiment file; rank 0 of the
+workers logs metrics with their steps. A resumed worker skips steps that are already in MLflow, so the metric
+curves have no duplicates, and since the checkpoint restores every RNG, the replayed steps equal the logged ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
+REDACTED = "***"
+
+
+def resolve_tracking_uri(from_file: str | None) -> str:
+    """$MLFLOW_TRACKING_URI, else the file's `tracking.tracking_uri`, else sqlite:///<cwd>/mlflow.db.
+
+    Relative sqlite paths are made absolute here, on the driver: Ray workers run in other directories.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or from_file or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def display_uri(uri: str) -> str:
+    """The tracking URI without credentials (user:password@host)."""
+    return re.sub(r"//[^/@]+@", "//", uri)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}, with secrets replaced by ***."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if SECRET_KEY.search(str(key)):
+            flat[dotted] = REDACTED
+        elif isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def git_state(cwd: Path) -> dict[str, str]:
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return {"git_sha": "unknown"}
+    return {"git_sha": sha, "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
+
+
+class Tracker:
+    """The driver's side: open or reopen the run, log what describes it, close it."""
+
+    def __init__(self, tracking_uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+
+    def open_run(self, run_file: Path, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
+        """(run_id, resumed). The run id is remembered in `run_file` inside the run's storage directory."""
+        if run_file.is_file():
+            run_id = json.loads(run_file.read_text())["run_id"]
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id, True
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
+        run_file.parent.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": display_uri(self.uri)}))
+        return run.info.run_id, False
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(run_id, params=new[i : i + 100])
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def log_dict(self, run_id: str, obj: Any, name: str) -> None:
+        self.client.log_dict(run_id, obj, name)
+
+    def log_learning_curves(self, run_id: str) -> None:
+        """A PNG of every metric against its step."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = sorted(k for k in self.client.get_run(run_id).data.metrics if not k.startswith("system/"))
+        if not keys:
+            return
+        fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), squeeze=False)
+        for ax, key in zip(axes[:, 0], keys):
+            history = sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.step)
+            ax.plot([m.step for m in history], [m.value for m in history], marker="." if len(history) < 30 else None)
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("optimizer step")
+        fig.tight_layout()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "learning_curves.png"
+            fig.savefig(path, dpi=110)
+            self.client.log_artifact(run_id, str(path))
+        plt.close(fig)
+
+    def close(self, run_id: str, ok: bool) -> None:
+        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+class MetricLogger:
+    """Rank 0's side: metrics with steps; steps at or below what MLflow already holds are skipped."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        logged = self.client.get_run(run_id).data.metrics
+        self.last_step = {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in logged}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        fresh = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self.last_step.get(k, -1)]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
+            self.last_step.update({m.key: step for m in fresh})
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self.client.log_dict(self.run_id, obj, name)
+
+
+def run_tags(method: str, paper: str, dataset: str, experiment_file: str, extra: dict[str, str]) -> dict[str, str]:
+    return {
+        "method": method,
+        "paper": paper,
+        "dataset": dataset,
+        "experiment_file": experiment_file,
+        "host": socket.gethostname(),
+        **git_state(Path.cwd()),
+        **{k: (REDACTED if SECRET_KEY.search(k) else v) for k, v in extra.items()},
+    }

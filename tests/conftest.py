@@ -1,0 +1,28 @@
+"""Shared fixtures: one local Ray instance for every end-to-end test, and a temporary MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session: 4 logical CPUs on 2 cores so a driver and two workers fit."""
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=256 * 2**20, ignore_reinit_error=True,
+             runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

@@ -1,0 +1,290 @@
+"""orchestrator.data: sources (bundled, generated, and standard on-disk formats written here as tiny fixtures),
+seeded splits, and the item format of every view."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from orchestrator.data import build_data
+from orchestrator.data.synthetic import shapes
+from orchestrator.spec import DataSpec
+
+SMALL_SYNTHETIC = {"dataset": "synthetic", "synthetic_per_class": 8}
+
+
+def _split(bundle) -> dict:
+    return bundle.artifacts["split.json"]
+
+
+def _unnormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Back to the 0..255 scale: (C,H,W)."""
+    return (x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]) * 255
+
+
+# ---------------------------------------------------------------------------------------------- bundled / generated
+
+
+def test_digits_native_and_resized():
+    native = build_data(DataSpec(dataset="digits"), seed=0, views="plain")
+    assert (len(native.train), len(native.test)) == (1347, 450)
+    assert (native.info.num_classes, native.info.in_channels, native.info.image_size) == (10, 1, 8)
+    assert (native.info.num_train, native.info.num_labeled) == (1347, 1347)
+    assert native.train[0]["x"].shape == native.test[0]["x"].shape == (1, 8, 8)
+    resized = build_data(DataSpec(dataset="digits", image_size=32), seed=0, views="plain")
+    assert resized.train[0]["x"].shape == resized.test[0]["x"].shape == (1, 32, 32)
+    assert resized.info.image_size == 32
+
+
+def test_synthetic_is_deterministic_and_fast():
+    start = time.perf_counter()
+    images, labels = shapes(200, seed=0)
+    assert time.perf_counter() - start < 1.0
+    assert images.shape == (2000, 3, 32, 32) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [200] * 10
+    first, second = (build_data(DataSpec(dataset="synthetic", synthetic_per_class=20), 0, "plain") for _ in range(2))
+    assert first.info.num_classes == 10 and (len(first.train), len(first.test)) == (200, 50)
+    assert all(torch.equal(first.test[i]["x"], second.test[i]["x"]) for i in range(len(first.test)))
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def test_split_is_deterministic_in_the_seed():
+    spec = DataSpec(dataset="digits", labeled_per_class=4)
+    a, b, c = (_split(build_data(spec, seed, "plain"))["labeled_indices"] for seed in (0, 0, 1))
+    assert a == b and a != c
+
+
+def test_labeled_per_class_gives_exactly_k_per_class():
+    bundle = build_data(DataSpec(dataset="digits", labeled_per_class=4), seed=3, views="plain")
+    assert len(bundle.train) == bundle.info.num_labeled == 40
+    assert Counter(int(bundle.train[i]["y"]) for i in range(40)) == {c: 4 for c in range(10)}
+    assert _split(bundle)["class_counts_labeled"] == {str(c): 4 for c in range(10)}
+    assert len(_split(bundle)["unlabeled_indices"]) == 1347
+
+
+def test_labeled_per_class_beyond_a_class_names_the_key():
+    with pytest.raises(ValueError, match="data.labeled_per_class"):
+        build_data(DataSpec(dataset="digits", labeled_per_class=1000), seed=0, views="plain")
+
+
+def test_labeled_fraction_rounds_per_class():
+    split = _split(build_data(DataSpec(dataset="digits", labeled_fraction=0.1), seed=0, views="plain"))
+    expected = {c: max(1, round(0.1 * n)) for c, n in split["class_counts_train"].items()}
+    assert split["class_counts_labeled"] == expected
+
+
+def test_long_tail_follows_the_formula():
+    spec = DataSpec(dataset="synthetic", synthetic_per_class=50, imbalance_factor=10, labeled_per_class=2)
+    split = _split(build_data(spec, seed=0, views="plain"))
+    counts = [split["class_counts_train"][str(c)] for c in range(10)]
+    assert counts[0] == 50 and counts[-1] == 5
+    assert counts == [math.floor(50 * 10 ** (-c / 9) + 1e-9) for c in range(10)]
+    assert set(split["labeled_indices"]) <= set(split["unlabeled_indices"])
+    assert len(split["unlabeled_indices"]) == sum(counts)
+
+
+def test_split_artifact_is_json():
+    bundle = build_data(DataSpec(dataset="digits", labeled_per_class=2, imbalance_factor=5), seed=0, views="plain")
+    record = json.loads(json.dumps(bundle.artifacts))["split.json"]
+    assert record["dataset"] == "digits" and record["seed"] == 0 and record["num_test"] == 450
+
+
+# ---------------------------------------------------------------------------------------------- views
+
+EXPECTED_ITEMS = {
+    "plain": {"x": (3, 32, 32), "y": (), "idx": ()},
+    "weak_strong": {
+        "x_lb": (3, 32, 32),
+        "y_lb": (),
+        "idx_lb": (),
+        "x_ulb_w": (3, 3, 32, 32),
+        "x_ulb_s": (3, 3, 32, 32),
+        "idx_ulb": (3,),
+    },
+    "two_crop": {"x1": (3, 32, 32), "x2": (3, 32, 32), "y": (), "idx": ()},
+    "multi_crop": {"x_global": (2, 3, 32, 32), "x_local": (4, 3, 14, 14), "y": (), "idx": ()},
+}
+
+
+@pytest.mark.parametrize("views", list(EXPECTED_ITEMS))
+def test_view_items(views):
+    spec = DataSpec(**SMALL_SYNTHETIC, labeled_per_class=2, unlabeled_ratio=3, num_local_crops=4)
+    bundle = build_data(spec, seed=0, views=views)
+    item = bundle.train[len(bundle.train) - 1]
+    assert {key: tuple(value.shape) for key, value in item.items()} == EXPECTED_ITEMS[views]
+    for key, value in item.items():
+        assert value.dtype == (torch.int64 if key.startswith(("y", "idx")) else torch.float32), key
+    assert bundle.info.num_labeled == 20 and bundle.info.num_train == (20 if views == "plain" else 80)
+    bundle.train.set_epoch(1)
+    test_item = bundle.test[0]
+    assert test_item["x"].shape == (3, 32, 32) and test_item["y"].dtype == test_item["idx"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("views", ["weak_strong", "two_crop", "multi_crop"])
+def test_views_on_one_channel_images(views):
+    spec = DataSpec(dataset="digits", image_size=16, labeled_per_class=2, unlabeled_ratio=2, num_local_crops=2)
+    item = build_data(spec, seed=0, views=views).train[0]
+    assert all(value.shape[-3:] in ((1, 16, 16), (1, 8, 8)) for value in item.values() if value.is_floating_point())
+
+
+def test_multi_crop_without_local_crops():
+    spec = DataSpec(**SMALL_SYNTHETIC, num_local_crops=0)
+    assert build_data(spec, seed=0, views="multi_crop").train[0]["x_local"].shape == (0, 3, 14, 14)
+
+
+def test_weak_strong_needs_a_labeled_subset():
+    with pytest.raises(ValueError, match="data.labeled_per_class"):
+        build_data(DataSpec(dataset="digits"), seed=0, views="weak_strong")
+
+
+def test_unknown_views_are_rejected():
+    with pytest.raises(ValueError, match="weak_strong"):
+        build_data(DataSpec(dataset="digits"), seed=0, views="mixup")
+
+
+def test_weak_strong_epochs_cover_the_pool_and_re_pair():
+    spec = DataSpec(**SMALL_SYNTHETIC, labeled_per_class=2, unlabeled_ratio=7)
+    train = build_data(spec, seed=0, views="weak_strong").train
+    assert len(train) == math.ceil(80 / 7)
+    covered = torch.cat([train[i]["idx_ulb"] for i in range(len(train))])
+    assert set(covered.tolist()) == set(range(80))
+    pairing = [(int(train[i]["idx_lb"]), train[i]["idx_ulb"].tolist()) for i in range(2)]
+    train.set_epoch(1)
+    assert [(int(train[i]["idx_lb"]), train[i]["idx_ulb"].tolist()) for i in range(2)] != pairing
+    train.set_epoch(0)
+    assert [(int(train[i]["idx_lb"]), train[i]["idx_ulb"].tolist()) for i in range(2)] == pairing
+
+
+# ---------------------------------------------------------------------------------------------- on-disk formats
+
+
+def _write_cifar(root: Path, folder: str, files: list[str], label_key: bytes, meta: str, per_file: int = 20):
+    """CIFAR python batches: pickled dicts with b"data" uint8 (N,3072) (R, G, B planes, row-major) and labels."""
+    rng = np.random.default_rng(0)
+    (root / folder).mkdir(parents=True)
+    for name in files:
+        batch = {
+            b"batch_label": name.encode(),
+            b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+            label_key: [i % 10 for i in range(per_file)],
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(per_file)],
+        }
+        with open(root / folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(root / folder / meta, "wb") as f:
+        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, f)
+
+
+def _read_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def test_cifar10_batches(tmp_path):
+    _write_cifar(tmp_path, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+                 b"labels", "batches.meta")
+    spec = DataSpec(dataset="cifar10", root=str(tmp_path), labeled_per_class=2)
+    bundle = build_data(spec, seed=0, views="weak_strong")
+    assert (bundle.info.num_classes, bundle.info.num_train, bundle.info.num_labeled) == (10, 100, 20)
+    assert bundle.train[0]["x_ulb_s"].shape == (7, 3, 32, 32)
+    expected = _read_pickle(tmp_path / "cifar-10-batches-py" / "test_batch")[b"data"][0].reshape(3, 32, 32)
+    pixels = _unnormalize(bundle.test[0]["x"], (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    torch.testing.assert_close(pixels, torch.from_numpy(expected).float(), atol=1e-3, rtol=0)
+
+
+def test_cifar100_batches(tmp_path):
+    _write_cifar(tmp_path, "cifar-100-python", ["train", "test"], b"fine_labels", "meta")
+    bundle = build_data(DataSpec(dataset="cifar100", root=str(tmp_path), image_size=16), seed=0, views="plain")
+    assert bundle.info.num_classes == 100 and (len(bundle.train), len(bundle.test)) == (20, 20)
+    assert bundle.train[3]["x"].shape == (3, 16, 16) and int(bundle.train[3]["y"]) == 3
+
+
+def test_cifar_missing_files_say_where(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        build_data(DataSpec(dataset="cifar10", root=str(tmp_path)), seed=0, views="plain")
+
+
+def _write_stl10(root: Path) -> np.ndarray:
+    """STL-10 binaries: images (3,96,96) column-major, labels 1..10; returns the test images (N,3,96,96)."""
+    rng = np.random.default_rng(0)
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    images = {}
+    for name, n in (("train", 20), ("test", 10), ("unlabeled", 30)):
+        images[name] = rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)
+        (folder / f"{name}_X.bin").write_bytes(images[name].transpose(0, 1, 3, 2).tobytes())
+    for name, n in (("train", 20), ("test", 10)):
+        (folder / f"{name}_y.bin").write_bytes((np.arange(n) % 10 + 1).astype(np.uint8).tobytes())
+    return images["test"]
+
+
+def test_stl10_binaries(tmp_path):
+    test_images = _write_stl10(tmp_path)
+    spec = DataSpec(dataset="stl10", root=str(tmp_path), labeled_per_class=1, unlabeled_ratio=2)
+    bundle = build_data(spec, seed=0, views="weak_strong")
+    assert (bundle.info.num_train, bundle.info.num_labeled, bundle.info.image_size) == (50, 10, 96)
+    assert _split(bundle)["unlabeled_indices"] == list(range(50))
+    assert sorted(int(bundle.test[i]["y"]) for i in range(10)) == list(range(10))
+    pixels = _unnormalize(bundle.test[4]["x"], (0.4408, 0.4279, 0.3867), (0.2682, 0.2610, 0.2686))
+    torch.testing.assert_close(pixels, torch.from_numpy(test_images[4]).float(), atol=1e-3, rtol=0)
+    item = bundle.train[len(bundle.train) - 1]
+    assert item["x_ulb_w"].shape == (2, 3, 96, 96) and item["idx_ulb"].max() < 50
+    copied = pickle.loads(pickle.dumps(bundle.test))  # as spawned loader workers receive it: the file is mapped again
+    assert torch.equal(copied[4]["x"], bundle.test[4]["x"])
+    supervised = build_data(DataSpec(dataset="stl10", root=str(tmp_path)), seed=0, views="two_crop")
+    assert supervised.info.num_train == 20 and supervised.train[0]["x1"].shape == (3, 96, 96)
+
+
+def _png(rng: np.random.Generator, height: int, width: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_imagefolder(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, folder, n in (("train", "train", 3), ("val", "val", 2)):
+        for name in ("cat", "dog"):
+            (tmp_path / folder / name).mkdir(parents=True)
+            for i in range(n):
+                (tmp_path / folder / name / f"{i}.png").write_bytes(_png(rng, 30 + i, 40))
+    bundle = build_data(DataSpec(dataset="imagefolder", root=str(tmp_path), image_size=16), seed=0, views="plain")
+    assert bundle.info.num_classes == 2 and (len(bundle.train), len(bundle.test)) == (6, 4)
+    assert bundle.train[5]["x"].shape == bundle.test[3]["x"].shape == (3, 16, 16)
+    assert [int(bundle.test[i]["y"]) for i in range(4)] == [0, 0, 1, 1]
+    two_crop = build_data(DataSpec(dataset="imagefolder", root=str(tmp_path), image_size=16), 0, "two_crop")
+    assert two_crop.train[0]["x2"].shape == (3, 16, 16)
+
+
+def test_parquet(tmp_path):
+    rng = np.random.default_rng(0)
+    train_png = [_png(rng, 12, 12) for _ in range(9)]
+    struct = pa.array([{"bytes": png, "path": f"{i}.png"} for i, png in enumerate(train_png)])
+    pq.write_table(pa.table({"img": struct, "target": [i % 3 for i in range(9)]}), tmp_path / "train.parquet")
+    (tmp_path / "test").mkdir()
+    test_png = [_png(rng, 12, 12) for _ in range(3)]
+    test_table = pa.table({"img": pa.array(test_png, pa.binary()), "target": [0, 1, 2]})
+    pq.write_table(test_table, tmp_path / "test" / "part-0.parquet")
+    spec = DataSpec(dataset="parquet", root=str(tmp_path), image_column="img", label_column="target")
+    bundle = build_data(spec, seed=0, views="plain")
+    assert (bundle.info.num_classes, bundle.info.image_size, len(bundle.train), len(bundle.test)) == (3, 12, 9, 3)
+    assert bundle.train[0]["x"].shape == (3, 12, 12)
+    pixels = _unnormalize(bundle.test[1]["x"], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    expected = torch.from_numpy(np.array(Image.open(io.BytesIO(test_png[1])))).permute(2, 0, 1).float()
+    torch.testing.assert_close(pixels, expected, atol=1e-3, rtol=0)
+    with pytest.raises(KeyError, match="data.label_column"):
+        build_data(DataSpec(dataset="parquet", root=str(tmp_path), image_column="img"), seed=0, views="plain")

@@ -1,0 +1,106 @@
+"""End to end under Ray with 2 CPU workers and a temporary MLflow store: the quickstart, a killed worker, a
+killed driver. These share the session's Ray instance."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator import spec as spec_mod
+from orchestrator.cli import main
+from orchestrator.launch import launch
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "experiments" / "quickstart.yaml"
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))]
+
+
+def assert_clean_curve(client: MlflowClient, run_id: str, total: int, every: int) -> None:
+    """Strictly increasing steps, no duplicates, no gaps: exactly every `every`-th step up to `total`."""
+    steps = metric_steps(client, run_id, "train/loss")
+    assert steps == sorted(set(steps)), f"duplicated or out-of-order steps: {steps}"
+    assert steps == list(range(every, total + 1, every))
+
+
+def run_id_of(run_dir: Path) -> str:
+    return json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+
+
+def test_quickstart_end_to_end(ray_cluster, mlflow_uri, tmp_path, capsys) -> None:
+    assert main(["run", str(QUICKSTART), "--set", f"storage_path={tmp_path / 'runs'}"]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(next(line for line in out.splitlines() if line.startswith("test acc:")).split()[-1])
+    assert accuracy >= 0.90
+    assert f"in {mlflow_uri}" in out and "mlflow ui --backend-store-uri" in out
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(run_id_of(tmp_path / "runs" / "quickstart-digits"))
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["method"] == "supervised" and run.data.tags["dataset"] == "digits"
+    assert {"git_sha", "host", "experiment_file", "paper"} <= set(run.data.tags)
+    assert run.data.params["optim.lr"] == "0.1" and run.data.params["config.arch"] == "small_cnn"
+    assert run.data.metrics["eval/acc"] == pytest.approx(accuracy, abs=1e-4)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"experiment.yaml", "split.json", "final_metrics.json", "learning_curves.png"} <= artifacts
+    assert_clean_curve(client, run.info.run_id, total=300, every=10)
+
+
+def worker_pids() -> list[int]:
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+
+
+def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, mlflow_uri, tmp_path) -> None:
+    spec = spec_mod.load(QUICKSTART, [f"storage_path={tmp_path / 'runs'}", "name=kill-worker", "optim.steps=400",
+                                      "checkpoint.every=50", "eval.every=400"])
+    run_dir = tmp_path / "runs" / "kill-worker"
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=launch(spec)))
+    thread.start()
+    deadline = time.monotonic() + 240
+    while not list(run_dir.glob("checkpoint_000000100")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    victims = worker_pids()
+    assert victims, "no Ray Train worker process found"
+    os.kill(victims[-1], signal.SIGKILL)
+    thread.join(timeout=400)
+    assert "result" in outcome, "the run did not finish after the worker was killed"
+    result = outcome["result"]
+    assert result.metrics["step"] == 400 and result.metrics["eval/acc"] >= 0.9
+    assert_clean_curve(MlflowClient(mlflow_uri), result.run_id, total=400, every=10)
+
+
+def test_killed_driver_resumes_when_run_again(ray_cluster, mlflow_uri, tmp_path) -> None:
+    command = [sys.executable, "-m", "orchestrator", "run", str(QUICKSTART), "--set", f"storage_path={tmp_path}",
+               "name=kill-driver", "optim.steps=400", "checkpoint.every=50"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "kill-driver"
+    deadline = time.monotonic() + 240
+    while not list(run_dir.glob("checkpoint_000000100")) and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    assert driver.poll() is None, driver.communicate()[0][-3000:]
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    first_run_id = run_id_of(run_dir)
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming run" in again.stderr and f"MLflow run {first_run_id}" in again.stdout
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(first_run_id).info.status == "FINISHED"
+    assert_clean_curve(client, first_run_id, total=400, every=10)

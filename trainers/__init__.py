@@ -1,0 +1,24 @@
+"""Method registry: an explicit name -> module dict, imported lazily so `orchestrator ls` stays fast.
+
+Each module exposes `SPEC = TrainerSpec(...)` (see trainers/_common/contract.py and DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from trainers._common.contract import Batch, DataInfo, RunContext, TrainerSpec
+
+TRAINERS: dict[str, str] = {
+    "supervised": "trainers.supervised",
+}
+
+
+def get(name: str) -> TrainerSpec:
+    """The SPEC of method `name`; KeyError lists the known methods."""
+    if name not in TRAINERS:
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(sorted(TRAINERS))}")
+    return importlib.import_module(TRAINERS[name]).SPEC
+
+
+__all__ = ["TRAINERS", "get", "Batch", "DataInfo", "RunContext", "TrainerSpec"]

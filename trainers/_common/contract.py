@@ -1,0 +1,71 @@
+"""The trainer contract (DESIGN.md): what a method module exposes as `SPEC`.
+
+A method is pure PyTorch. The orchestrator owns devices, DDP/DeepSpeed, the optimizer and schedule, AMP,
+gradient accumulation, data loaders, checkpoints and tracking; the method owns its networks and its loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a method may know about its data when it builds its networks."""
+
+    num_classes: int
+    image_size: int
+    in_channels: int
+    num_train: int  # training images (labeled + unlabeled); sizes memory banks
+    num_labeled: int
+
+
+class RunContext(Protocol):
+    """What a `run(cfg, ctx)` method sees of the orchestrator (a Ray-backed one, or a local one in tests)."""
+
+    is_main: bool
+    device: torch.device
+    world_size: int
+
+    def report(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def save(self, state: dict[str, Any]) -> None: ...
+
+    def load(self) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """One method. Either the step contract (build + train_step) or a whole-run `run(cfg, ctx)`.
+
+    - build(cfg, info) -> nn.Module: every network, EMA teacher, queue and bank (as buffers); never `.cuda()`.
+    - train_step(model, batch, cfg, step) -> (loss, metrics): pure, scalar loss, detached scalar metrics.
+    - eval_step(model, batch, cfg) -> sums: per-batch sums of each metric plus the count `n`;
+      the orchestrator adds them over batches and ranks and reports `eval/<key> = sum / n`.
+    - on_step_end(model, cfg, step): after the optimizer step (EMA updates, queue pushes).
+    - param_groups(model, cfg) -> list of dicts for the optimizer (e.g. no weight decay on norms).
+    - views: the data views the method trains on ("plain", "weak_strong", "two_crop", "multi_crop").
+    """
+
+    name: str
+    paper: str
+    Config: type
+    TINY: Any
+    views: str = "plain"
+    build: Callable[[Any, DataInfo], nn.Module] | None = None
+    train_step: Callable[[nn.Module, Batch, Any, int], tuple[torch.Tensor, dict[str, float]]] | None = None
+    eval_step: Callable[[nn.Module, Batch, Any], dict[str, torch.Tensor]] | None = None
+    on_step_end: Callable[[nn.Module, Any, int], None] | None = None
+    param_groups: Callable[[nn.Module, Any], list[dict[str, Any]]] | None = None
+    run: Callable[[Any, RunContext], dict[str, float]] | None = None
+
+    def __post_init__(self) -> None:
+        step_contract = self.build is not None and self.train_step is not None
+        if step_contract == (self.run is not None):
+            raise TypeError(f"trainer {self.name!r} must define either build+train_step or run, not both or neither")
