@@ -63,6 +63,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = spec_mod.load(args.file, args.overrides)
+    _check_data_root(spec, args.file)
     log.info("%s", _summary(spec))
     import ray
 
@@ -74,6 +75,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome = launch(spec, str(args.file))
     _print_outcome(outcome)
     return 0
+
+
+def _check_data_root(spec: ExperimentSpec, file: str) -> None:
+    """A missing dataset directory fails here, before Ray starts (not checked by `check`: the file may be meant
+    for a cluster whose nodes have the data)."""
+    root = spec.data.root
+    if root and "://" not in root and not spec.data.download and not Path(root).expanduser().exists():
+        raise SpecError(file, "data.root", "an existing dataset directory (or data.download: true)", root)
 
 
 def _summary(spec: ExperimentSpec) -> str:

@@ -70,7 +70,7 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
         params = tracking.flatten({k: v for k, v in spec.model_dump(mode="json").items() if k != "config"})
         params.update(tracking.flatten(_asdict(spec.method_config()), "config."))
         tracker.log_params(run_id, params)
-        tracker.log_text(run_id, resolved, "experiment.yaml")
+        tracker.log_text(run_id, _public_yaml(spec), "experiment.yaml")
     log.info("%s run %s (MLflow run %s)", "resuming" if resumed else "starting", run_dir, run_id)
 
     board = ProgressBoard.remote()
@@ -122,7 +122,7 @@ def _is_uri(path: str) -> bool:
 def _check_same_experiment(spec: ExperimentSpec, run_dir: Path) -> None:
     """Resuming `name` with a different recipe would silently mix two experiments: refuse it."""
     saved_file = run_dir / "experiment.yaml"
-    current = spec.model_dump(mode="json")
+    current = yaml.safe_load(_public_yaml(spec))
     if saved_file.is_file():
         saved = yaml.safe_load(saved_file.read_text())
         for key in COMPARED_ON_RESUME:
@@ -130,7 +130,14 @@ def _check_same_experiment(spec: ExperimentSpec, run_dir: Path) -> None:
                 raise SpecError(saved_file, key, f"the same `{key}` as the run being resumed (or a new `name`)", current.get(key))
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    saved_file.write_text(spec_mod.to_yaml(spec))
+    saved_file.write_text(_public_yaml(spec))
+
+
+def _public_yaml(spec: ExperimentSpec) -> str:
+    """The resolved experiment with secrets (API keys, tokens) replaced by ***: what is written and logged."""
+    from orchestrator.tracking import redact
+
+    return yaml.safe_dump(redact(spec.model_dump(mode="json")), sort_keys=False)
 
 
 def _worker_resources(spec: ExperimentSpec) -> dict[str, float]:

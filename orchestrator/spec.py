@@ -182,7 +182,7 @@ def validate(raw: dict[str, Any], path: str | Path | None = None) -> ExperimentS
 
 
 def to_yaml(spec: ExperimentSpec) -> str:
-    """The fully resolved experiment (defaults filled in), as logged to MLflow and re-read by workers."""
+    """The fully resolved experiment (defaults filled in), as re-read by the workers."""
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 

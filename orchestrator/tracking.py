@@ -37,14 +37,21 @@ def display_uri(uri: str) -> str:
     return re.sub(r"//[^/@]+@", "//", uri)
 
 
+def redact(tree: Any) -> Any:
+    """A copy of a nested dict/list with the value of every key that looks like a secret replaced by ***."""
+    if isinstance(tree, dict):
+        return {k: REDACTED if SECRET_KEY.search(str(k)) and v else redact(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact(v) for v in tree]
+    return tree
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}, with secrets replaced by ***."""
     flat: dict[str, Any] = {}
-    for key, value in tree.items():
+    for key, value in redact(tree).items():
         dotted = f"{prefix}{key}"
-        if SECRET_KEY.search(str(key)):
-            flat[dotted] = REDACTED
-        elif isinstance(value, dict) and value:
+        if isinstance(value, dict) and value:
             flat.update(flatten(value, dotted + "."))
         else:
             flat[dotted] = value
@@ -157,5 +164,5 @@ def run_tags(method: str, paper: str, dataset: str, experiment_file: str, extra:
         "experiment_file": experiment_file,
         "host": socket.gethostname(),
         **git_state(Path.cwd()),
-        **{k: (REDACTED if SECRET_KEY.search(k) else v) for k, v in extra.items()},
+        **redact(extra),
     }

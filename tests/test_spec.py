@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -108,17 +111,40 @@ def test_bad_override_syntax(tmp_path: Path) -> None:
         spec_mod.load(write(tmp_path, GOOD), ["lr"])
 
 
-@pytest.mark.parametrize("command", ["check", "run"])
-def test_cli_exits_2_naming_the_key_before_ray_starts(tmp_path: Path, command: str, capsys) -> None:
-    import ray
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The real command line in a fresh process: nothing of this test session's Ray is shared."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
 
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_cli_exits_2_naming_the_key_before_ray_starts(tmp_path: Path, command: str) -> None:
     path = write(tmp_path, GOOD.replace("lr: 0.1", "lrr: 0.1"))
-    started_before = ray.is_initialized()
-    assert main([command, str(path)]) == 2
-    assert f"error: {path}: optim.lrr: expected a known key" in capsys.readouterr().err
-    assert ray.is_initialized() == started_before
+    out = cli(command, str(path))
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"error: {path}: optim.lrr: expected a known key; did you mean 'lr'?")
+    assert "Ray" not in out.stderr + out.stdout
+
+
+def test_run_refuses_a_missing_dataset_root_before_ray_starts(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    path = write(tmp_path, GOOD.replace("dataset: digits", f"dataset: cifar10, root: {missing}"))
+    out = cli("run", str(path))
+    assert out.returncode == 2
+    assert f"{path}: data.root: expected an existing dataset directory (or data.download: true), found '{missing}'" in out.stderr
+    assert "Ray" not in out.stderr + out.stdout
 
 
 def test_check_accepts_a_good_file(tmp_path: Path, capsys) -> None:
     assert main(["check", str(write(tmp_path, GOOD))]) == 0
     assert "ok:" in capsys.readouterr().out
+
+
+def test_ls_lists_methods_papers_and_experiments() -> None:
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "ls"], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("supervised") and "baseline" in lines[0]
+    assert {"experiments/quickstart.yaml", "experiments/supervised/cifar10_wrn28_2.yaml"} <= {l.strip() for l in lines}

@@ -1,0 +1,56 @@
+"""MLflow tracking on a real (temporary sqlite) store: runs reopen, steps never repeat, secrets never leave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator import tracking
+
+
+def test_secrets_are_redacted_at_any_depth() -> None:
+    tree = {"optim": {"lr": 0.1}, "config": {"api_key": "sk-123", "llm": {"auth_token": "t", "model": "m"}},
+            "tracking": {"tags": {"MY_PASSWORD": "p", "team": "vision"}}, "empty_token": ""}
+    flat = tracking.flatten(tree)
+    assert flat["optim.lr"] == 0.1 and flat["config.llm.model"] == "m" and flat["tracking.tags.team"] == "vision"
+    assert flat["config.api_key"] == flat["config.llm.auth_token"] == flat["tracking.tags.MY_PASSWORD"] == "***"
+    assert "sk-123" not in repr(tracking.redact(tree))
+
+
+def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.resolve_tracking_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
+    assert tracking.resolve_tracking_uri("http://127.0.0.1:5000") == f"sqlite:///{tmp_path / 'other.db'}"
+    assert tracking.display_uri("https://user:pw@mlflow.lab:5000") == "https://mlflow.lab:5000"
+
+
+def test_reopened_run_skips_logged_steps(mlflow_uri: str, tmp_path: Path) -> None:
+    tracker = tracking.Tracker(mlflow_uri)
+    run_file = tmp_path / "run" / "mlflow_run.json"
+    run_id, resumed = tracker.open_run(run_file, "unit", "r", {"method": "supervised"})
+    assert not resumed
+    first = tracking.MetricLogger(mlflow_uri, run_id)
+    for step in (10, 20, 30):
+        first.log({"train/loss": 1.0 / step}, step)
+
+    again, resumed = tracker.open_run(run_file, "unit", "r", {})
+    assert (again, resumed) == (run_id, True)
+    second = tracking.MetricLogger(mlflow_uri, run_id)  # a resumed worker replays steps 20 and 30
+    for step in (20, 30, 40):
+        second.log({"train/loss": 1.0 / step, "eval/acc": 0.5}, step)
+    history = tracker.client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == [10, 20, 30, 40]
+    assert [m.step for m in tracker.client.get_metric_history(run_id, "eval/acc")] == [20, 30, 40]
+
+
+def test_params_are_logged_once_and_truncated(mlflow_uri: str, tmp_path: Path) -> None:
+    tracker = tracking.Tracker(mlflow_uri)
+    run_id, _ = tracker.open_run(tmp_path / "mlflow_run.json", "unit", "p", {})
+    tracker.log_params(run_id, {"a": 1, "long": "x" * 7000})
+    tracker.log_params(run_id, {"a": 1, "b": [1, 2]})
+    params = tracker.client.get_run(run_id).data.params
+    assert params["a"] == "1" and params["b"] == "[1, 2]" and len(params["long"]) == 6000
