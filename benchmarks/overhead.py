@@ -65,7 +65,7 @@ def plain_loop(raw: dict, threads: int) -> dict[str, float]:
     return {"first_step_s": stamps[0] - t0, "steps_per_s": (len(stamps) - 1 - warm) / (stamps[-1] - stamps[warm])}
 
 
-def orchestrated(raw: dict, storage: Path) -> dict[str, float]:
+def orchestrated(raw: dict, storage: Path, dashboard: bool) -> dict[str, float]:
     """Through launch() on a local Ray: rate from the logged windows, first step from the first log's time."""
     import ray
     from mlflow.tracking import MlflowClient
@@ -73,7 +73,7 @@ def orchestrated(raw: dict, storage: Path) -> dict[str, float]:
     from orchestrator import spec as spec_mod
     from orchestrator.launch import launch
 
-    ray.init(num_cpus=raw["resources"]["cpus_per_worker"] + 1, ignore_reinit_error=True)
+    ray.init(num_cpus=raw["resources"]["cpus_per_worker"] + 1, include_dashboard=dashboard)
     t0 = time.time()
     outcome = launch(spec_mod.validate(raw))
     client = MlflowClient(outcome.tracking_uri)
@@ -93,17 +93,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
+                        help="start Ray's dashboard (as `orchestrator run` does)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "overhead.json"))
     args = parser.parse_args()
 
     storage = Path(tempfile.mkdtemp(prefix="overhead-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{storage / 'mlflow.db'}")
     raw = experiment(args, storage)
-    plain = plain_loop(raw, args.threads)
-    orch = orchestrated(raw, storage)
+    before = plain_loop(raw, args.threads)
+    orch = orchestrated(raw, storage, args.dashboard)
+    after = plain_loop(raw, args.threads)  # before and after: the machine's drift shows in the spread
+    plain = {k: (before[k] + after[k]) / 2 for k in before}
     result = {
         "config": vars(args) | {"torch": torch.__version__, "cpus": os.cpu_count()},
         "plain": plain,
+        "plain_runs_steps_per_s": [before["steps_per_s"], after["steps_per_s"]],
         "orchestrator": orch,
         "steps_per_s_ratio": orch["steps_per_s"] / plain["steps_per_s"],
         "first_step_extra_s": orch["first_step_s"] - plain["first_step_s"],

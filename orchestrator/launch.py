@@ -50,7 +50,7 @@ class RunOutcome:
 def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
     """Run `spec` to completion (or resume it) on the current Ray cluster and track it in MLflow."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator import tracking
@@ -89,6 +89,7 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
             storage_path=spec.storage_path,
             failure_config=FailureConfig(max_failures=spec.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            logging_config=LoggingConfig(log_level="WARNING"),  # our progress replaces Ray Train's per-report lines
         ),
     )
     watcher.start()

@@ -45,7 +45,8 @@ def describe(latest: dict[str, Any], total: int) -> str:
 
 
 class ProgressWatcher(threading.Thread):
-    """Polls the board until `stop()`; a tqdm bar on a TTY, else one log line every `line_every` seconds."""
+    """Polls the board until `stop()`: a tqdm bar (with its own rate and ETA) on a TTY, else one log line
+    (step, loss, samples/s, ETA) every `line_every` seconds."""
 
     def __init__(self, board: Any, total: int, poll_s: float = 0.5, line_every: float = 10.0):
         super().__init__(daemon=True)
@@ -54,7 +55,7 @@ class ProgressWatcher(threading.Thread):
         self.latest: dict[str, Any] = {}
 
     def run(self) -> None:
-        bar = self._make_bar()
+        bar = None
         last_line = 0.0
         while not self._stop_event.wait(self.poll_s):
             try:
@@ -63,9 +64,11 @@ class ProgressWatcher(threading.Thread):
                 continue
             if not self.latest:
                 continue
-            if bar is not None:
-                bar.n = self.latest.get("step", 0)
-                bar.set_postfix_str(describe(self.latest, self.total).split(" ", 2)[2], refresh=True)
+            if sys.stderr.isatty():
+                bar = bar or self._make_bar(self.latest.get("step", 0))
+                bar.update(self.latest.get("step", 0) - bar.n)
+                bar.set_postfix_str(f"loss {self.latest.get('train/loss', float('nan')):.4f} "
+                                    f"{self.latest.get('samples_per_s', 0.0):.0f} samples/s", refresh=True)
             elif time.monotonic() - last_line >= self.line_every:
                 log.info(describe(self.latest, self.total))
                 last_line = time.monotonic()
@@ -76,9 +79,8 @@ class ProgressWatcher(threading.Thread):
         self._stop_event.set()
         self.join(timeout=10)
 
-    def _make_bar(self) -> Any:
-        if not sys.stderr.isatty():
-            return None
+    def _make_bar(self, first_step: int) -> Any:
+        """Made at the first report, so that tqdm's rate and ETA count training, not Ray's start-up."""
         from tqdm import tqdm
 
-        return tqdm(total=self.total, unit="step", dynamic_ncols=True, file=sys.stderr)
+        return tqdm(total=self.total, initial=first_step, unit="step", dynamic_ncols=True, file=sys.stderr)

@@ -6,6 +6,8 @@ import itertools
 
 import torch
 
+import trainers
+
 from orchestrator.data import build_data
 from orchestrator.launch import TrainStep, epoch_order, step_batches
 from orchestrator.progress import describe, format_eta
@@ -43,3 +45,33 @@ def test_progress_text() -> None:
     assert format_eta(59) == "0m59s" and format_eta(3725) == "1h02m"
     line = describe({"step": 50, "train/loss": 0.5, "samples_per_s": 640.0, "steps_per_s": 10.0}, 100)
     assert line == "step 50/100 loss 0.5000 640 samples/s eta 0m05s"
+
+
+def test_gradient_accumulation_equals_one_big_batch() -> None:
+    """Two micro-batches of 16 with grad_accum=2 take the same optimizer step as one batch of 32."""
+    from orchestrator import spec as spec_mod
+    from orchestrator.launch import Position, StepLoop
+    from orchestrator.optim import build_optimizer, build_scheduler, default_param_groups
+
+    method = trainers.get("supervised")
+    data = build_data(DataSpec(dataset="digits"), seed=0, views="plain")
+    batch = torch.utils.data.default_collate([data.train[i] for i in range(32)])
+    halves = [{k: v[:16] for k, v in batch.items()}, {k: v[16:] for k, v in batch.items()}]
+
+    def one_step(accum: int, batches: list) -> torch.nn.Module:
+        raw = {"name": "a", "method": "supervised", "data": {"dataset": "digits"}, "config": {"arch": "small_cnn"},
+               "optim": {"steps": 1, "batch_size": 32, "grad_accum": accum, "lr": 0.5}}
+        spec = spec_mod.validate(raw)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))  # no batch statistics
+        optimizer = build_optimizer(default_param_groups(model), spec.optim)
+        loop = StepLoop(spec, method.TINY, method, model, TrainStep(model, method.train_step, method.TINY),
+                        optimizer, build_scheduler(optimizer, spec.optim), data, torch.device("cpu"), 0, 1, None, None)
+        position = Position()
+        loop._optimizer_step(iter(batches), position)
+        assert (position.step, position.micro) == (1, accum)
+        return model
+
+    big, accumulated = one_step(1, [batch]), one_step(2, halves)
+    for a, b in zip(big.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b)
