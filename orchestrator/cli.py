@@ -66,13 +66,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_data_root(spec, args.file)
     log.info("%s", _summary(spec))
     import ray
+    import ray.train
 
     from orchestrator.launch import launch
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = args.address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address, ignore_reinit_error=True)
-    outcome = launch(spec, str(args.file))
+    try:
+        outcome = launch(spec, str(args.file))
+    except ray.train.TrainingFailedError as err:
+        print(f"error: run {spec.name} failed: {err}\nrun the same command again to resume it from its last "
+              "checkpoint", file=sys.stderr)
+        return 1
     _print_outcome(outcome)
     return 0
 

@@ -9,6 +9,7 @@ RNG state, so a resumed run replays the lost steps exactly (with `data.loader_wo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -29,6 +30,7 @@ from orchestrator import checkpoint as ckpt_io
 from orchestrator import spec as spec_mod
 from orchestrator.optim import build_optimizer, build_scheduler, default_param_groups
 from orchestrator.spec import ExperimentSpec, SpecError
+from orchestrator.storage import RunDir, absolute
 
 log = logging.getLogger("orchestrator")
 
@@ -43,59 +45,37 @@ class RunOutcome:
     metrics: dict[str, float]
     run_id: str
     tracking_uri: str
-    run_dir: Path
+    run_dir: str
     resumed: bool
 
 
 def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
-    """Run `spec` to completion (or resume it) on the current Ray cluster and track it in MLflow."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    """Run `spec` to completion (or resume it) on the current Ray cluster and track it in MLflow.
 
-    from orchestrator import tracking
+    Raises ray.train.TrainingFailedError when the run fails more than `resources.max_failures` times; launching
+    it again resumes it.
+    """
+    import ray
+
     from orchestrator.progress import ProgressBoard, ProgressWatcher
+    from orchestrator.tracking import Tracker, resolve_tracking_uri
 
     spec = _absolute_paths(spec)
     if spec.trainer.run is not None:
         raise NotImplementedError(f"method {spec.method!r} uses run(cfg, ctx), which `orchestrator run` cannot launch yet")
-    run_dir = Path(spec.storage_path) / spec.name
+    run_dir = RunDir(spec.storage_path, spec.name)
     _check_same_experiment(spec, run_dir)
-    uri = tracking.resolve_tracking_uri(spec.tracking.tracking_uri)
-    tracker = tracking.Tracker(uri)
-    tags = tracking.run_tags(spec.method, spec.trainer.paper, spec.data.dataset, spec_file, spec.tracking.tags)
-    run_id, resumed = tracker.open_run(run_dir / "mlflow_run.json", spec.tracking.experiment or spec.method, spec.name, tags)
-    resolved = spec_mod.to_yaml(spec)
-    if not resumed:
-        params = tracking.flatten({k: v for k, v in spec.model_dump(mode="json").items() if k != "config"})
-        params.update(tracking.flatten(_asdict(spec.method_config()), "config."))
-        tracker.log_params(run_id, params)
-        tracker.log_text(run_id, _public_yaml(spec), "experiment.yaml")
+    tracker = Tracker(resolve_tracking_uri(spec.tracking.tracking_uri))
+    run_id, resumed = _open_mlflow_run(tracker, spec, run_dir, spec_file)
     log.info("%s run %s (MLflow run %s)", "resuming" if resumed else "starting", run_dir, run_id)
 
     board = ProgressBoard.remote()
     watcher = ProgressWatcher(board, spec.optim.steps)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec_yaml": resolved, "tracking_uri": uri, "run_id": run_id, "board": board},
-        scaling_config=ScalingConfig(
-            num_workers=spec.resources.workers,
-            use_gpu=spec.resources.gpus_per_worker > 0,
-            resources_per_worker=_worker_resources(spec),
-            placement_strategy=spec.resources.placement_strategy,
-        ),
-        run_config=RunConfig(
-            name=spec.name,
-            storage_path=spec.storage_path,
-            failure_config=FailureConfig(max_failures=spec.resources.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            logging_config=LoggingConfig(log_level="WARNING"),  # our progress replaces Ray Train's per-report lines
-        ),
-    )
+    loop_config = {"spec_yaml": spec_mod.to_yaml(spec), "tracking_uri": tracker.uri, "run_id": run_id, "board": board}
     watcher.start()
     ok = False
     try:
-        result = trainer.fit()
+        result = _torch_trainer(spec, loop_config).fit()
         ok = result.error is None
     finally:
         watcher.stop()
@@ -104,34 +84,67 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     tracker.log_dict(run_id, metrics, "final_metrics.json")
     tracker.log_learning_curves(run_id)
-    return RunOutcome(metrics, run_id, uri, run_dir, resumed)
+    return RunOutcome(metrics, run_id, tracker.uri, str(run_dir), resumed)
+
+
+def _open_mlflow_run(tracker: Any, spec: ExperimentSpec, run_dir: RunDir, spec_file: str) -> tuple[str, bool]:
+    """Open the run's MLflow run (or reopen it on resume); a new one gets its params and experiment file."""
+    from orchestrator import tracking
+
+    tags = tracking.run_tags(spec.method, spec.trainer.paper, spec.data.dataset, spec_file, spec.tracking.tags)
+    run_id, resumed = tracker.open_run(run_dir, spec.tracking.experiment or spec.method, tags)
+    if not resumed:
+        params = tracking.flatten({k: v for k, v in spec.model_dump(mode="json").items() if k != "config"})
+        params.update(tracking.flatten(_asdict(spec.method_config()), "config."))
+        tracker.log_params(run_id, params)
+        tracker.log_text(run_id, _public_yaml(spec), "experiment.yaml")
+    return run_id, resumed
+
+
+def _torch_trainer(spec: ExperimentSpec, loop_config: dict[str, Any]) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": spec.resources.cpus_per_worker}
+    if spec.resources.gpus_per_worker:
+        resources["GPU"] = spec.resources.gpus_per_worker
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=spec.resources.workers,
+            use_gpu=spec.resources.gpus_per_worker > 0,
+            resources_per_worker=resources,
+            placement_strategy=spec.resources.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=spec.storage_path,
+            failure_config=FailureConfig(max_failures=spec.resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            logging_config=LoggingConfig(log_level="WARNING"),  # our progress replaces Ray Train's info lines
+        ),
+    )
 
 
 def _absolute_paths(spec: ExperimentSpec) -> ExperimentSpec:
     """Workers chdir into their run directory, so relative paths are resolved here, against the driver's cwd."""
-    data = spec.data
-    if data.root and not _is_uri(data.root):
-        data = data.model_copy(update={"root": str(Path(data.root).expanduser().resolve())})
-    storage = spec.storage_path if _is_uri(spec.storage_path) else str(Path(spec.storage_path).expanduser().resolve())
-    return spec.model_copy(update={"data": data, "storage_path": storage})
+    data = spec.data.model_copy(update={"root": spec.data.root and absolute(spec.data.root)})
+    return spec.model_copy(update={"data": data, "storage_path": absolute(spec.storage_path)})
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _check_same_experiment(spec: ExperimentSpec, run_dir: Path) -> None:
+def _check_same_experiment(spec: ExperimentSpec, run_dir: RunDir) -> None:
     """Resuming `name` with a different recipe would silently mix two experiments: refuse it."""
-    saved_file = run_dir / "experiment.yaml"
     current = yaml.safe_load(_public_yaml(spec))
-    if saved_file.is_file():
-        saved = yaml.safe_load(saved_file.read_text())
-        for key in COMPARED_ON_RESUME:
-            if saved.get(key) != current.get(key):
-                raise SpecError(saved_file, key, f"the same `{key}` as the run being resumed (or a new `name`)", current.get(key))
+    saved = run_dir.read("experiment.yaml")
+    if saved is None:
+        run_dir.write("experiment.yaml", _public_yaml(spec))
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved_file.write_text(_public_yaml(spec))
+    saved_spec = yaml.safe_load(saved)
+    for key in COMPARED_ON_RESUME:
+        if saved_spec.get(key) != current.get(key):
+            raise SpecError(f"{run_dir}/experiment.yaml", key,
+                            f"the same `{key}` as the run being resumed (or a new `name`)", current.get(key))
 
 
 def _public_yaml(spec: ExperimentSpec) -> str:
@@ -141,16 +154,7 @@ def _public_yaml(spec: ExperimentSpec) -> str:
     return yaml.safe_dump(redact(spec.model_dump(mode="json")), sort_keys=False)
 
 
-def _worker_resources(spec: ExperimentSpec) -> dict[str, float]:
-    resources = {"CPU": spec.resources.cpus_per_worker}
-    if spec.resources.gpus_per_worker:
-        resources["GPU"] = spec.resources.gpus_per_worker
-    return resources
-
-
 def _asdict(config: Any) -> dict[str, Any]:
-    import dataclasses
-
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.storage import RunDir
+
 SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
 REDACTED = "***"
 
@@ -78,17 +80,17 @@ class Tracker:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
 
-    def open_run(self, run_file: Path, experiment: str, run_name: str, tags: dict[str, str]) -> tuple[str, bool]:
-        """(run_id, resumed). The run id is remembered in `run_file` inside the run's storage directory."""
-        if run_file.is_file():
-            run_id = json.loads(run_file.read_text())["run_id"]
+    def open_run(self, run_dir: RunDir, experiment: str, tags: dict[str, str]) -> tuple[str, bool]:
+        """(run_id, resumed). The run id is remembered in the run directory's `mlflow_run.json`."""
+        remembered = run_dir.read("mlflow_run.json")
+        if remembered is not None:
+            run_id = json.loads(remembered)["run_id"]
             self.client.update_run(run_id, status="RUNNING")
             return run_id, True
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
-        run_file.parent.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps({"run_id": run.info.run_id, "tracking_uri": display_uri(self.uri)}))
+        run = self.client.create_run(exp_id, run_name=run_dir.path.rsplit("/", 1)[-1], tags=tags)
+        run_dir.write("mlflow_run.json", json.dumps({"run_id": run.info.run_id, "tracking_uri": display_uri(self.uri)}))
         return run.info.run_id, False
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:

@@ -104,3 +104,11 @@ def test_killed_driver_resumes_when_run_again(ray_cluster, mlflow_uri, tmp_path)
     client = MlflowClient(mlflow_uri)
     assert client.get_run(first_run_id).info.status == "FINISHED"
     assert_clean_curve(client, first_run_id, total=400, every=10)
+
+
+def test_a_failing_run_exits_1_and_marks_mlflow_failed(ray_cluster, mlflow_uri, tmp_path, capsys) -> None:
+    overrides = [f"storage_path={tmp_path}", "name=broken", "config.arch=no_such_model", "resources.max_failures=0"]
+    assert main(["run", str(QUICKSTART), "--set", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "error: run broken failed" in err and "run the same command again to resume" in err
+    assert MlflowClient(mlflow_uri).get_run(run_id_of(tmp_path / "broken")).info.status == "FAILED"

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import tracking
+from orchestrator.storage import RunDir
 
 
 def test_secrets_are_redacted_at_any_depth() -> None:
@@ -30,14 +31,14 @@ def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 def test_reopened_run_skips_logged_steps(mlflow_uri: str, tmp_path: Path) -> None:
     tracker = tracking.Tracker(mlflow_uri)
-    run_file = tmp_path / "run" / "mlflow_run.json"
-    run_id, resumed = tracker.open_run(run_file, "unit", "r", {"method": "supervised"})
-    assert not resumed
+    run_dir = RunDir(str(tmp_path), "r")
+    run_id, resumed = tracker.open_run(run_dir, "unit", {"method": "supervised"})
+    assert not resumed and tracker.client.get_run(run_id).info.run_name == "r"
     first = tracking.MetricLogger(mlflow_uri, run_id)
     for step in (10, 20, 30):
         first.log({"train/loss": 1.0 / step}, step)
 
-    again, resumed = tracker.open_run(run_file, "unit", "r", {})
+    again, resumed = tracker.open_run(RunDir(str(tmp_path), "r"), "unit", {})
     assert (again, resumed) == (run_id, True)
     second = tracking.MetricLogger(mlflow_uri, run_id)  # a resumed worker replays steps 20 and 30
     for step in (20, 30, 40):
@@ -49,8 +50,17 @@ def test_reopened_run_skips_logged_steps(mlflow_uri: str, tmp_path: Path) -> Non
 
 def test_params_are_logged_once_and_truncated(mlflow_uri: str, tmp_path: Path) -> None:
     tracker = tracking.Tracker(mlflow_uri)
-    run_id, _ = tracker.open_run(tmp_path / "mlflow_run.json", "unit", "p", {})
+    run_id, _ = tracker.open_run(RunDir(str(tmp_path), "p"), "unit", {})
     tracker.log_params(run_id, {"a": 1, "long": "x" * 7000})
     tracker.log_params(run_id, {"a": 1, "b": [1, 2]})
     params = tracker.client.get_run(run_id).data.params
     assert params["a"] == "1" and params["b"] == "[1, 2]" and len(params["long"]) == 6000
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_run_dir_files_on_a_path_or_a_filesystem_uri(tmp_path: Path, as_uri: bool) -> None:
+    run_dir = RunDir(f"file://{tmp_path}" if as_uri else str(tmp_path), "exp")
+    assert run_dir.read("experiment.yaml") is None
+    run_dir.write("experiment.yaml", "name: exp\n")
+    assert run_dir.read("experiment.yaml") == "name: exp\n"
+    assert (tmp_path / "exp" / "experiment.yaml").read_text() == "name: exp\n"

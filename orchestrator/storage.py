@@ -1,0 +1,45 @@
+"""A run's directory under `storage_path`: local disk, NFS, or any pyarrow filesystem URI (s3://, gs://, hdfs://).
+
+Ray Train keeps checkpoints and run state there; the orchestrator adds two small files: `experiment.yaml` (the
+recipe being run, compared on resume) and `mlflow_run.json` (the MLflow run it continues).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """Local paths are resolved against the driver's working directory (Ray workers run elsewhere)."""
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+class RunDir:
+    def __init__(self, storage_path: str, name: str):
+        if is_uri(storage_path):
+            self.fs, root = pafs.FileSystem.from_uri(storage_path)
+        else:
+            self.fs, root = pafs.LocalFileSystem(), absolute(storage_path)
+        self.path = f"{root.rstrip('/')}/{name}"
+        self.display = f"{storage_path.rstrip('/')}/{name}"
+
+    def read(self, file: str) -> str | None:
+        """The file's text, or None when it does not exist."""
+        if self.fs.get_file_info(f"{self.path}/{file}").type == pafs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(f"{self.path}/{file}") as stream:
+            return stream.read().decode()
+
+    def write(self, file: str, text: str) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+        with self.fs.open_output_stream(f"{self.path}/{file}") as stream:
+            stream.write(text.encode())
+
+    def __str__(self) -> str:
+        return self.display
