@@ -19,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -180,6 +180,30 @@ class Position:
     micro: int = 0
 
 
+@dataclass
+class Setup:
+    """Everything one rank trains with, built the same way under Ray and in-process."""
+
+    spec: ExperimentSpec
+    method: Any  # trainers.TrainerSpec
+    cfg: Any  # the method's Config
+    data: Any  # orchestrator.data.DataBundle
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    @classmethod
+    def build(cls, spec: ExperimentSpec, device: torch.device) -> "Setup":
+        from orchestrator.data import build_data
+
+        method, cfg = spec.trainer, spec.method_config()
+        data = build_data(spec.data, spec.seed, spec.views)
+        model = method.build(cfg, data.info).to(device)
+        groups = method.param_groups(model, cfg) if method.param_groups else default_param_groups(model)
+        optimizer = build_optimizer(groups, spec.optim)
+        return cls(spec, method, cfg, data, model, optimizer, build_scheduler(optimizer, spec.optim))
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The per-worker function that Ray Train runs on every rank."""
     import ray.train
@@ -190,22 +214,30 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     seed_everything(spec.seed, rank)
+    setup = Setup.build(spec, device)
+    position = _restore(ray.train.get_checkpoint(), setup, rank)
+    step_module = ray.train.torch.prepare_model(TrainStep(setup.model, setup.method.train_step, setup.cfg),
+                                                move_to_device=False)
 
-    from orchestrator.data import build_data
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:09d}")
 
-    method, cfg = spec.trainer, spec.method_config()
-    data = build_data(spec.data, spec.seed, spec.views)
-    model = method.build(cfg, data.info).to(device)
-    groups = method.param_groups(model, cfg) if method.param_groups else default_param_groups(model)
-    optimizer = build_optimizer(groups, spec.optim)
-    scheduler = build_scheduler(optimizer, spec.optim)
-    position = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler, rank)
-    step_module = ray.train.torch.prepare_model(TrainStep(model, method.train_step, cfg), move_to_device=False)
+    logger = _metric_logger(loop_config, rank, setup.data.artifacts)
+    StepLoop(setup, step_module, device, rank, world, report, logger, loop_config["board"]).run(position)
 
-    logger = _metric_logger(loop_config, rank, data.artifacts)
-    loop = StepLoop(spec, cfg, method, model, step_module, optimizer, scheduler, data, device, rank, world, logger,
-                    loop_config["board"])
-    loop.run(position)
+
+def train_in_process(spec: ExperimentSpec, device: torch.device | None = None) -> dict[str, float]:
+    """The same step loop in this process, one rank, no Ray and no MLflow: for benchmarks and debugging.
+    Checkpoints are written and discarded; returns the final metrics."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(spec.seed, 0)
+    setup = Setup.build(spec, device)
+    reported: dict[str, float] = {}
+    loop = StepLoop(setup, TrainStep(setup.model, setup.method.train_step, setup.cfg), device, 0, 1,
+                    lambda metrics, checkpoint_dir, step: reported.update(metrics))
+    loop.run(Position())
+    return reported
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -214,14 +246,14 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def _restore(checkpoint: Any, model: nn.Module, optimizer: Any, scheduler: Any, rank: int) -> Position:
+def _restore(checkpoint: Any, setup: Setup, rank: int) -> Position:
     if checkpoint is None:
         return Position()
     with checkpoint.as_directory() as directory:
         model_state, train_state, rng = ckpt_io.load(Path(directory), rank)
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(train_state["optimizer"])
-    scheduler.load_state_dict(train_state["scheduler"])
+    setup.model.load_state_dict(model_state)
+    setup.optimizer.load_state_dict(train_state["optimizer"])
+    setup.scheduler.load_state_dict(train_state["scheduler"])
     if rng is not None:
         ckpt_io.restore_rng(rng)
     log.info("rank %d resumed at step %d", rank, train_state["step"])
@@ -239,25 +271,30 @@ def _metric_logger(loop_config: dict[str, Any], rank: int, artifacts: dict[str, 
     return logger
 
 
-class StepLoop:
-    """The step loop: accumulation, AMP, logging windows, evaluation and checkpoint reports."""
+Report = Callable[[dict[str, float], Path | None, int], None]  # (metrics, checkpoint dir or None, step)
 
-    def __init__(self, spec: ExperimentSpec, cfg: Any, method: Any, model: nn.Module, step_module: nn.Module,
-                 optimizer: Any, scheduler: Any, data: Any, device: torch.device, rank: int, world: int,
-                 logger: Any, board: Any):
-        self.spec, self.cfg, self.method, self.model, self.step_module = spec, cfg, method, model, step_module
-        self.optimizer, self.scheduler, self.data, self.device = optimizer, scheduler, data, device
-        self.rank, self.world, self.logger, self.board = rank, world, logger, board
-        self.micro_batch = spec.optim.batch_size // (world * spec.optim.grad_accum)
-        use_amp = spec.optim.amp and device.type == "cuda"
+
+class StepLoop:
+    """The step loop: accumulation, AMP, logging windows, evaluation and checkpoint reports.
+
+    `report` is called on every rank at the same steps (under Ray it is a barrier); rank 0 logs to `logger`
+    (MLflow) and posts progress to `board` when they are given.
+    """
+
+    def __init__(self, setup: Setup, step_module: nn.Module, device: torch.device, rank: int, world: int,
+                 report: Report, logger: Any = None, board: Any = None):
+        self.setup, self.spec, self.step_module, self.device = setup, setup.spec, step_module, device
+        self.rank, self.world, self.report, self.logger, self.board = rank, world, report, logger, board
+        self.micro_batch = self.spec.optim.batch_size // (world * self.spec.optim.grad_accum)
+        use_amp = self.spec.optim.amp and device.type == "cuda"
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
 
     def run(self, position: Position) -> None:
         total = self.spec.optim.steps
-        batches = step_batches(self.data.train, self.micro_batch, self.rank, self.world, self.spec.seed,
+        batches = step_batches(self.setup.data.train, self.micro_batch, self.rank, self.world, self.spec.seed,
                                position.micro, self.spec.data.loader_workers, self.device)
         window = Window(self.spec.optim.batch_size)
-        self.model.train()
+        self.setup.model.train()
         while position.step < total:
             metrics = self._optimizer_step(batches, position)
             window.add(metrics)
@@ -276,8 +313,8 @@ class StepLoop:
             log.info("finished at step %d: %s", position.step, json.dumps(final))
 
     def _optimizer_step(self, batches: Iterator[dict[str, torch.Tensor]], position: Position) -> dict[str, Any]:
-        accum = self.spec.optim.grad_accum
-        self.optimizer.zero_grad(set_to_none=True)
+        setup, accum = self.setup, self.spec.optim.grad_accum
+        setup.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, Any] = {}
         for i in range(accum):
             batch = next(batches)
@@ -287,36 +324,39 @@ class StepLoop:
             (loss / accum).backward()
             position.micro += 1
         if self.spec.optim.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.optim.clip_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+            torch.nn.utils.clip_grad_norm_(setup.model.parameters(), self.spec.optim.clip_grad_norm)
+        setup.optimizer.step()
+        setup.scheduler.step()
         position.step += 1
-        if self.method.on_step_end is not None:
-            self.method.on_step_end(self.model, self.cfg, position.step)
-        return {"loss": loss.detach(), **metrics, "lr": self.optimizer.param_groups[0]["lr"]}
+        if setup.method.on_step_end is not None:
+            setup.method.on_step_end(setup.model, setup.cfg, position.step)
+        return {"loss": loss.detach(), **metrics, "lr": setup.optimizer.param_groups[0]["lr"]}
 
     def _log(self, averaged: dict[str, float], step: int) -> None:
         if self.rank != 0:
             return
         metrics = {f"train/{k}": v for k, v in averaged.items() if k not in ("samples_per_s", "steps_per_s")}
         metrics["train/samples_per_s"] = averaged["samples_per_s"]
-        self.logger.log(metrics, step)
-        self.board.post.remote({"step": step, **metrics, "samples_per_s": averaged["samples_per_s"],
-                                "steps_per_s": averaged["steps_per_s"]})
+        if self.logger is not None:
+            self.logger.log(metrics, step)
+        if self.board is not None:
+            self.board.post.remote({"step": step, **metrics, "samples_per_s": averaged["samples_per_s"],
+                                    "steps_per_s": averaged["steps_per_s"]})
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """eval_step sums over this rank's share of the test set, added over ranks, divided by the count."""
-        if self.method.eval_step is None:
+        setup = self.setup
+        if setup.method.eval_step is None:
             return {}
-        self.model.eval()
+        setup.model.eval()
         totals: dict[str, torch.Tensor] = {}
-        for batch in eval_batches(self.data.test, self.spec.eval.batch_size, self.rank, self.world, self.device):
+        for batch in eval_batches(setup.data.test, self.spec.eval.batch_size, self.rank, self.world, self.device):
             with self.autocast():
-                sums = self.method.eval_step(self.model, batch, self.cfg)
+                sums = setup.method.eval_step(setup.model, batch, setup.cfg)
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0) + value.detach().double()
-        self.model.train()
+        setup.model.train()
         keys = sorted(totals)
         stacked = torch.stack([totals[k] for k in keys]) if keys else torch.zeros(0, device=self.device)
         if self.world > 1:
@@ -326,24 +366,22 @@ class StepLoop:
         return {f"eval/{k}": v / count for k, v in sums.items()} if count else {}
 
     def _report(self, metrics: dict[str, float], position: Position, with_checkpoint: bool) -> None:
-        """Every rank reports (it is a barrier); each writes its RNG, rank 0 the model and training state."""
-        import ray.train
-
-        if self.rank == 0 and metrics:
+        """With a checkpoint, each rank writes its RNG and rank 0 the model and training state, then all report."""
+        if self.rank == 0 and metrics and self.logger is not None:
             self.logger.log(metrics, position.step)
         metrics = {**metrics, "step": position.step}
         if not with_checkpoint:
-            ray.train.report(metrics)
+            self.report(metrics, None, position.step)
             return
         directory = Path(tempfile.mkdtemp(prefix="ckpt-"))
         try:
             ckpt_io.save_rng(directory, self.rank)
             if self.rank == 0:
-                train_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                setup = self.setup
+                train_state = {"optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
                                "step": position.step, "micro": position.micro}
-                ckpt_io.save_main(directory, self.model.state_dict(), train_state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                             checkpoint_dir_name=f"checkpoint_{position.step:09d}")
+                ckpt_io.save_main(directory, setup.model.state_dict(), train_state)
+            self.report(metrics, directory, position.step)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 

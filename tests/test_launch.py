@@ -50,7 +50,7 @@ def test_progress_text() -> None:
 def test_gradient_accumulation_equals_one_big_batch() -> None:
     """Two micro-batches of 16 with grad_accum=2 take the same optimizer step as one batch of 32."""
     from orchestrator import spec as spec_mod
-    from orchestrator.launch import Position, StepLoop
+    from orchestrator.launch import Position, Setup, StepLoop
     from orchestrator.optim import build_optimizer, build_scheduler, default_param_groups
 
     method = trainers.get("supervised")
@@ -65,8 +65,9 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))  # no batch statistics
         optimizer = build_optimizer(default_param_groups(model), spec.optim)
-        loop = StepLoop(spec, method.TINY, method, model, TrainStep(model, method.train_step, method.TINY),
-                        optimizer, build_scheduler(optimizer, spec.optim), data, torch.device("cpu"), 0, 1, None, None)
+        setup = Setup(spec, method, method.TINY, data, model, optimizer, build_scheduler(optimizer, spec.optim))
+        loop = StepLoop(setup, TrainStep(model, method.train_step, method.TINY), torch.device("cpu"), 0, 1,
+                        report=lambda *args: None)
         position = Position()
         loop._optimizer_step(iter(batches), position)
         assert (position.step, position.micro) == (1, accum)
@@ -75,3 +76,16 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
     big, accumulated = one_step(1, [batch]), one_step(2, halves)
     for a, b in zip(big.parameters(), accumulated.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_in_process_training_matches_the_quickstart_recipe() -> None:
+    """The Ray-free loop (benchmarks use it) trains the quickstart model to the same quality, quickly."""
+    from pathlib import Path
+
+    from orchestrator import spec as spec_mod
+    from orchestrator.launch import train_in_process
+
+    quickstart = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    spec = spec_mod.load(quickstart, ["optim.steps=150", "resources.workers=1", "eval.every=null"])
+    metrics = train_in_process(spec, torch.device("cpu"))
+    assert metrics["step"] == 150 and metrics["eval/acc"] >= 0.9
