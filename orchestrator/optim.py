@@ -72,8 +72,10 @@ def lr_factor(step: int, spec: OptimSpec) -> float:
         return 1.0
     if spec.schedule == "step":
         return spec.gamma ** sum(step >= m for m in spec.milestones)
-    progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps))
+    if spec.schedule == "cosine_fixmatch":  # FixMatch / USB: cos(7 pi k / 16 K), ending at 0.2 x lr
+        return math.cos(7 * math.pi * progress / 16)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, spec: OptimSpec) -> torch.optim.lr_scheduler.LambdaLR:

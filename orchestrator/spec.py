@@ -60,9 +60,10 @@ class DataSpec(_Strict):
     labeled_per_class: int | None = Field(default=None, gt=0)
     labeled_fraction: float | None = Field(default=None, gt=0, le=1)
     imbalance_factor: float | None = Field(default=None, ge=1)  # long tail: n_c = n_max * IF ** (-c / (C - 1))
-    views: Literal["plain", "weak_strong", "two_crop", "multi_crop"] | None = None  # None: the method's views
-    unlabeled_ratio: int = Field(default=7, gt=0)  # mu: unlabeled images per labeled one (weak_strong)
-    num_local_crops: int = Field(default=6, ge=0)  # multi_crop
+    # None: the method's views
+    views: Literal["plain", "weak_strong", "weak_strong_multicrop", "two_crop", "multi_crop"] | None = None
+    unlabeled_ratio: int = Field(default=7, gt=0)  # mu: unlabeled images per labeled one (weak_strong*)
+    num_local_crops: int = Field(default=6, ge=0)  # multi_crop, weak_strong_multicrop
     loader_workers: int = Field(default=2, ge=0)
     synthetic_per_class: int = Field(default=200, gt=0)
     image_column: str = "image"  # parquet
@@ -84,7 +85,7 @@ class OptimSpec(_Strict):
     nesterov: bool = False
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    schedule: Literal["cosine", "cosine_fixmatch", "step", "constant"] = "cosine"  # cosine_fixmatch: cos(7πk/16K)
     warmup_steps: int = Field(default=0, ge=0)
     milestones: list[int] = []  # step schedule: multiply lr by gamma at these steps
     gamma: float = Field(default=0.1, gt=0)

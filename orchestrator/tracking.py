@@ -88,10 +88,18 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
             return run_id, True
         exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, self._artifacts(experiment))
         run = self.client.create_run(exp_id, run_name=run_dir.path.rsplit("/", 1)[-1], tags=tags)
         run_dir.write("mlflow_run.json", json.dumps({"run_id": run.info.run_id, "tracking_uri": display_uri(self.uri)}))
         return run.info.run_id, False
+
+    def _artifacts(self, experiment: str) -> str | None:
+        """Beside a sqlite database, rather than MLflow's default of ./mlruns in whatever directory the process
+        runs in; a tracking server keeps its own artifact root."""
+        if not self.uri.startswith("sqlite:///"):
+            return None
+        database = Path(self.uri.removeprefix("sqlite:///"))
+        return (database.parent / "mlartifacts" / re.sub(r"[^\w.-]", "_", experiment)).as_uri()
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

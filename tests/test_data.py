@@ -115,6 +115,15 @@ EXPECTED_ITEMS = {
         "x_ulb_s": (3, 3, 32, 32),
         "idx_ulb": (3,),
     },
+    "weak_strong_multicrop": {
+        "x_lb": (3, 32, 32),
+        "y_lb": (),
+        "idx_lb": (),
+        "x_ulb_w": (3, 3, 32, 32),
+        "x_ulb_s": (3, 3, 32, 32),
+        "x_ulb_local": (3, 4, 3, 14, 14),  # (mu, k, C, s, s), s = round(32 * 96 / 224)
+        "idx_ulb": (3,),
+    },
     "two_crop": {"x1": (3, 32, 32), "x2": (3, 32, 32), "y": (), "idx": ()},
     "multi_crop": {"x_global": (2, 3, 32, 32), "x_local": (4, 3, 14, 14), "y": (), "idx": ()},
 }
@@ -134,7 +143,7 @@ def test_view_items(views):
     assert test_item["x"].shape == (3, 32, 32) and test_item["y"].dtype == test_item["idx"].dtype == torch.int64
 
 
-@pytest.mark.parametrize("views", ["weak_strong", "two_crop", "multi_crop"])
+@pytest.mark.parametrize("views", ["weak_strong", "weak_strong_multicrop", "two_crop", "multi_crop"])
 def test_views_on_one_channel_images(views):
     spec = DataSpec(dataset="digits", image_size=16, labeled_per_class=2, unlabeled_ratio=2, num_local_crops=2)
     item = build_data(spec, seed=0, views=views).train[0]
@@ -144,6 +153,18 @@ def test_views_on_one_channel_images(views):
 def test_multi_crop_without_local_crops():
     spec = DataSpec(**SMALL_SYNTHETIC, num_local_crops=0)
     assert build_data(spec, seed=0, views="multi_crop").train[0]["x_local"].shape == (0, 3, 14, 14)
+
+
+def test_weak_strong_multicrop_without_local_crops():
+    spec = DataSpec(**SMALL_SYNTHETIC, labeled_per_class=2, unlabeled_ratio=3, num_local_crops=0)
+    assert build_data(spec, seed=0, views="weak_strong_multicrop").train[0]["x_ulb_local"].shape == (3, 0, 3, 14, 14)
+
+
+def test_weak_strong_multicrop_crops_the_same_unlabeled_images():
+    spec = DataSpec(**SMALL_SYNTHETIC, labeled_per_class=2, unlabeled_ratio=3, num_local_crops=2)
+    plain = build_data(spec, seed=0, views="weak_strong").train[5]
+    multi = build_data(spec, seed=0, views="weak_strong_multicrop").train[5]
+    assert torch.equal(plain["idx_ulb"], multi["idx_ulb"]) and torch.equal(plain["idx_lb"], multi["idx_lb"])
 
 
 def test_weak_strong_needs_a_labeled_subset():

@@ -112,3 +112,15 @@ def test_a_failing_run_exits_1_and_marks_mlflow_failed(ray_cluster, mlflow_uri, 
     err = capsys.readouterr().err
     assert "error: run broken failed" in err and "run the same command again to resume" in err
     assert MlflowClient(mlflow_uri).get_run(run_id_of(tmp_path / "broken")).info.status == "FAILED"
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "simmatch", "simmatchv2"])
+def test_semi_supervised_digits_setting_runs_under_ray(ray_cluster, mlflow_uri, tmp_path, method) -> None:
+    """The shipped digits file of each semi-supervised method, shortened, through Ray and into MLflow."""
+    spec = spec_mod.load(REPO / "experiments" / method / "digits.yaml",
+                         [f"storage_path={tmp_path}", "optim.steps=20", "eval.every=null", "checkpoint.every=10"])
+    outcome = launch(spec)
+    assert outcome.metrics["step"] == 20 and 0.0 <= outcome.metrics["eval/acc"] <= 1.0
+    run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["method"] == method
+    assert {"train/loss", "train/mask", "eval/acc"} <= set(run.data.metrics)

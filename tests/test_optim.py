@@ -20,6 +20,13 @@ def test_warmup_then_cosine() -> None:
     assert lr_factor(110, spec) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_fixmatch_cosine_ends_at_a_fifth() -> None:
+    spec = OptimSpec(steps=1600, batch_size=8, schedule="cosine_fixmatch")
+    assert lr_factor(0, spec) == 1.0
+    assert lr_factor(800, spec) == pytest.approx(math.cos(7 * math.pi / 32))
+    assert lr_factor(1600, spec) == pytest.approx(0.19509, abs=1e-5)
+
+
 def test_step_schedule() -> None:
     spec = OptimSpec(steps=100, batch_size=8, schedule="step", milestones=[30, 60], gamma=0.1)
     assert [lr_factor(s, spec) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])

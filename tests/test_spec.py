@@ -13,6 +13,7 @@ import pytest
 from orchestrator import spec as spec_mod
 from orchestrator.cli import main
 from orchestrator.spec import SpecError
+from trainers import TRAINERS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,8 @@ BAD_FILES = [
      "betas, schedule, warmup_steps, milestones, gamma, steps, batch_size, grad_accum, clip_grad_norm, amp), "
      "found an unknown key"),
     ("unknown method", GOOD.replace("method: supervised", "method: supervisd"),
-     "method: expected one of the known methods (supervised); did you mean 'supervised'?, found 'supervisd'"),
+     f"method: expected one of the known methods ({', '.join(sorted(TRAINERS))}); did you mean 'supervised'?, "
+     "found 'supervisd'"),
     ("unknown method config field", GOOD.replace("arch: small_cnn", "archh: small_cnn"),
      "config.archh: expected a field of trainers.supervised.Config; did you mean 'arch'? "
      "(fields: arch, label_smoothing, drop_rate), found an unknown key"),
@@ -146,5 +148,6 @@ def test_ls_lists_methods_papers_and_experiments() -> None:
                          timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("supervised") and "baseline" in lines[0]
+    methods = {line.split()[0]: line for line in lines if not line.startswith(" ")}
+    assert set(methods) == set(TRAINERS) and "baseline" in methods["supervised"]
     assert {"experiments/quickstart.yaml", "experiments/supervised/cifar10_wrn28_2.yaml"} <= {l.strip() for l in lines}

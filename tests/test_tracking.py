@@ -34,6 +34,8 @@ def test_reopened_run_skips_logged_steps(mlflow_uri: str, tmp_path: Path) -> Non
     run_dir = RunDir(str(tmp_path), "r")
     run_id, resumed = tracker.open_run(run_dir, "unit", {"method": "supervised"})
     assert not resumed and tracker.client.get_run(run_id).info.run_name == "r"
+    location = tracker.client.get_experiment_by_name("unit").artifact_location
+    assert location == (tmp_path / "mlartifacts" / "unit").as_uri()  # beside the database, not in the cwd
     first = tracking.MetricLogger(mlflow_uri, run_id)
     for step in (10, 20, 30):
         first.log({"train/loss": 1.0 / step}, step)

@@ -11,6 +11,9 @@ from trainers._common.contract import Batch, DataInfo, RunContext, TrainerSpec
 
 TRAINERS: dict[str, str] = {
     "supervised": "trainers.supervised",
+    "fixmatch": "trainers.fixmatch",
+    "simmatch": "trainers.simmatch",
+    "simmatchv2": "trainers.simmatchv2",
 }
 
 

@@ -24,7 +24,7 @@ from orchestrator.data.views import MultiCropView, PlainView, Pool, TwoCropView,
 from orchestrator.spec import DataSpec
 from trainers._common.contract import DataInfo
 
-VIEWS = ("plain", "weak_strong", "two_crop", "multi_crop")
+VIEWS = ("plain", "weak_strong", "weak_strong_multicrop", "two_crop", "multi_crop")
 
 
 @dataclass
@@ -42,12 +42,14 @@ def build_data(spec: DataSpec, seed: int, views: str) -> DataBundle:
 
     Without a labeled subset every train image is labeled. With one (labeled_per_class / labeled_fraction),
     "plain" trains on the labeled images only, "weak_strong" pairs them with the unlabeled pool (the whole
-    train set, plus STL-10's unlabeled_X), and "two_crop" / "multi_crop" train on the unlabeled pool.
+    train set, plus STL-10's unlabeled_X), "weak_strong_multicrop" adds smaller strong crops of each unlabeled
+    image (SimMatchV2), and "two_crop" / "multi_crop" train on the unlabeled pool.
     """
     if views not in VIEWS:
         raise ValueError(f"views: expected one of {', '.join(VIEWS)}, found {views!r}")
-    if views == "weak_strong" and spec.labeled_per_class is None and spec.labeled_fraction is None:
-        raise ValueError("views 'weak_strong' needs a labeled subset: set data.labeled_per_class (or labeled_fraction)")
+    semi = views in ("weak_strong", "weak_strong_multicrop")
+    if semi and spec.labeled_per_class is None and spec.labeled_fraction is None:
+        raise ValueError(f"views {views!r} needs a labeled subset: set data.labeled_per_class (or labeled_fraction)")
     source = load_source(spec)
     size = spec.image_size or source.default_size
     split = make_split(
@@ -89,11 +91,32 @@ def _train_view(
     if views == "weak_strong":
         weak, strong = transforms.weak(source, size), transforms.strong(source, size)
         return WeakStrongView(labeled, unlabeled, weak, strong, spec.unlabeled_ratio, seed)
+    local_size = max(8, round(size * 96 / 224))
+    if views == "weak_strong_multicrop":
+        return _weak_strong_multicrop(spec, source, size, local_size, seed, labeled, unlabeled)
     pool = labeled if unlabeled is None else unlabeled  # self-supervised views ignore labels: the whole pool
     if views == "two_crop":
         return TwoCropView(pool, transforms.contrastive(source, size, scale=(0.2, 1.0)))
-    local_size = max(8, round(size * 96 / 224))
     global_view = transforms.contrastive(source, size, scale=(0.14, 1.0))
     local_view = transforms.contrastive(source, local_size, scale=(0.05, 0.14))
     local_shape = (source.in_channels, local_size, local_size)
     return MultiCropView(pool, global_view, local_view, spec.num_local_crops, local_shape)
+
+
+def _weak_strong_multicrop(
+    spec: DataSpec, source: Source, size: int, local_size: int, seed: int, labeled: Pool, unlabeled: Pool
+) -> WeakStrongView:
+    """SimMatchV2's `--multicrop`, simplified to one full-size strong crop plus k crops of one smaller size.
+
+    The official code draws 5 strong crops of sizes 224/192/160/120/96 with scales (0.14, 1) / (0.117, 0.86) /
+    (0.095, 0.715) / (0.073, 0.571) / (0.05, 0.429). Here x_ulb_s is the 224 crop (scale 0.14-1) at full size and
+    the k = num_local_crops local crops all take the smallest one's size (96/224 of full) and scale (0.05, 0.429).
+    Every strong crop uses the DINO-style pipeline: jitter 0.4/0.4/0.2/0.1 (p 0.8), grayscale 0.2, blur 0.5,
+    solarize 0.1 (on 1-channel images: brightness/contrast jitter only).
+    """
+    weak = transforms.weak(source, size)
+    strong = transforms.contrastive(source, size, scale=(0.14, 1.0), saturation=0.2, solarize=0.1)
+    local = transforms.contrastive(source, local_size, scale=(0.05, 0.429), saturation=0.2, solarize=0.1)
+    local_shape = (source.in_channels, local_size, local_size)
+    return WeakStrongView(labeled, unlabeled, weak, strong, spec.unlabeled_ratio, seed,
+                          local=local, num_local=spec.num_local_crops, local_shape=local_shape)

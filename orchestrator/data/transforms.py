@@ -27,19 +27,27 @@ def strong(source: Source, size: int) -> v2.Compose:
     return v2.Compose([*_weak_ops(source, size), randaugment, *_normalize(source), Cutout(max(1, size // 2))])
 
 
-def contrastive(source: Source, size: int, scale: tuple[float, float]) -> v2.Compose:
-    """SimCLR/BYOL/DINO-style view: resized crop, flip, colour jitter, grayscale, blur (for size >= 96)."""
+def contrastive(
+    source: Source, size: int, scale: tuple[float, float], saturation: float = 0.4, solarize: float = 0.0
+) -> v2.Compose:
+    """SimCLR/BYOL/DINO-style view: resized crop, flip, colour jitter, grayscale, blur (for size >= 96).
+
+    `saturation` is the jitter's saturation strength; `solarize` the probability of solarizing (RGB only).
+    SimMatchV2's strong crops use saturation 0.2 and solarize 0.1 (its DINO-style `get_dino_aug`).
+    """
     ops: list = [v2.RandomResizedCrop(size, scale=scale, antialias=True)]
     if source.hflip:
         ops.append(v2.RandomHorizontalFlip())
     rgb = source.in_channels == 3
-    jitter = v2.ColorJitter(0.4, 0.4, 0.4, 0.1) if rgb else v2.ColorJitter(0.4, 0.4)  # hue/saturation need RGB
+    jitter = v2.ColorJitter(0.4, 0.4, saturation, 0.1) if rgb else v2.ColorJitter(0.4, 0.4)  # hue/saturation: RGB
     ops.append(v2.RandomApply([jitter], p=0.8))
     if rgb:
         ops.append(v2.RandomGrayscale(p=0.2))
     if size >= 96:
         kernel = int(0.1 * size) // 2 * 2 + 1  # odd, about 10% of the image (SimCLR)
         ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+    if rgb and solarize > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=solarize))  # on uint8, as PIL's ImageOps.solarize
     return v2.Compose([*ops, *_normalize(source)])
 
 

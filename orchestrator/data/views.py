@@ -63,12 +63,17 @@ class WeakStrongView(Dataset):
     An epoch of ceil(n_ulb / mu) items covers the unlabeled pool once: item i takes positions perm[i*mu:(i+1)*mu]
     (wrapping) of a permutation of the pool, and the labeled image lb_perm[i % n_lb]. `set_epoch` re-draws both
     permutations from (seed, epoch). idx_lb indexes the labeled set, idx_ulb the unlabeled pool.
+
+    With a `local` transform (the "weak_strong_multicrop" views, SimMatchV2) each unlabeled image also gets
+    `num_local` extra strong crops of a smaller size: "x_ulb_local": (mu, k, C, s, s); local_shape = (C, s, s).
     """
 
-    def __init__(self, labeled: Pool, unlabeled: Pool, weak: Transform, strong: Transform, mu: int, seed: int):
+    def __init__(self, labeled: Pool, unlabeled: Pool, weak: Transform, strong: Transform, mu: int, seed: int,
+                 local: Transform | None = None, num_local: int = 0, local_shape: tuple = ()):
         self.labeled, self.unlabeled = labeled, unlabeled
         self.weak, self.strong = weak, strong
         self.mu, self.seed = mu, seed
+        self.local, self.num_local, self.local_shape = local, num_local, local_shape
         self.set_epoch(0)
 
     def __len__(self) -> int:
@@ -83,7 +88,7 @@ class WeakStrongView(Dataset):
         lb = self.lb_perm[i % len(self.lb_perm)]
         ulb = self.ulb_perm[np.arange(i * self.mu, (i + 1) * self.mu) % len(self.ulb_perm)]  # (mu,)
         images = [self.unlabeled.image(j) for j in ulb]
-        return {
+        item = {
             "x_lb": self.weak(self.labeled.image(lb)),
             "y_lb": _scalar(self.labeled.labels[lb]),
             "idx_lb": _scalar(lb),
@@ -91,6 +96,13 @@ class WeakStrongView(Dataset):
             "x_ulb_s": torch.stack([self.strong(image) for image in images]),
             "idx_ulb": torch.from_numpy(ulb.astype(np.int64)),
         }
+        if self.local is not None:
+            item["x_ulb_local"] = torch.stack([self._local_crops(image) for image in images])  # (mu, k, C, s, s)
+        return item
+
+    def _local_crops(self, image: torch.Tensor) -> torch.Tensor:
+        crops = [self.local(image) for _ in range(self.num_local)]
+        return torch.stack(crops) if crops else torch.zeros((0, *self.local_shape))
 
 
 class TwoCropView(Dataset):
