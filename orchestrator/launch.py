@@ -213,6 +213,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":  # Ray sets OMP_NUM_THREADS, but torch may already have sized its pool
+        torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     seed_everything(spec.seed, rank)
     setup = Setup.build(spec, device)
     position = _restore(ray.train.get_checkpoint(), setup, rank)
