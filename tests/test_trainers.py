@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import trainers
-from orchestrator.data import build_data
+from orchestrator.data import VIEWS, build_data
 from orchestrator.spec import DataSpec
 from trainers import TrainerSpec
 
@@ -18,7 +18,7 @@ METHODS = sorted(trainers.TRAINERS)
 
 def tiny_batch(spec: TrainerSpec, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], trainers.DataInfo]:
     """A real batch of the method's views, from the bundled digits at 16 px."""
-    labeled = {"labeled_per_class": 2} if spec.views == "weak_strong" else {}
+    labeled = {"labeled_per_class": 2} if spec.views.startswith("weak_strong") else {}
     data = build_data(DataSpec(dataset="digits", image_size=16, unlabeled_ratio=2, **labeled), seed=0, views=spec.views)
     items = [data.train[i] for i in range(batch_size)]
     return torch.utils.data.default_collate(items), data.info
@@ -47,7 +47,7 @@ def test_spec_is_complete(name: str) -> None:
     spec = trainers.get(name)
     assert spec.name == name and spec.paper
     assert dataclasses.is_dataclass(spec.Config) and isinstance(spec.TINY, spec.Config)
-    assert spec.views in ("plain", "weak_strong", "two_crop", "multi_crop")
+    assert spec.views in VIEWS
     module = importlib.import_module(trainers.TRAINERS[name])
     assert spec.Config.__module__ == module.__name__ and module.__doc__, "the module docstring maps paper to fields"
     assert not spec.Config.__doc__.startswith("Config("), "Config needs a docstring of its own"
