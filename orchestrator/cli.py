@@ -1,4 +1,4 @@
-"""`orchestrator run | check | ls`: the command line.
+"""`orchestrator run | sweep | compare | check | ls`: the command line.
 
 Exit status: 0 on success, 1 when a run fails, 2 when the experiment file (or an override) is invalid; a bad
 file is always reported before Ray starts.
@@ -39,6 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     run.set_defaults(func=cmd_run)
 
+    sweep = commands.add_parser("sweep", help="run (or resume) the Ray Tune sweep of an experiment file's `tune:` block")
+    _add_file_args(sweep)
+    sweep.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    sweep.set_defaults(func=cmd_sweep)
+
+    compare = commands.add_parser("compare", help="compare MLflow runs: differing params, final metrics, curves")
+    compare.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="MLflow run ids")
+    compare.add_argument("--experiment", default=None, help="every run of this MLflow experiment")
+    compare.add_argument("--sweep", default=None, metavar="ID_OR_NAME", help="the trials of a sweep (parent run id or name)")
+    compare.add_argument("--metrics", nargs="+", default=None, help="metrics to show (default: eval/* and train/loss)")
+    compare.add_argument("--out", default="compare", help="directory for compare.csv, compare.md, compare.png")
+    compare.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    compare.set_defaults(func=cmd_compare)
+
     check = commands.add_parser("check", help="validate an experiment file without running it")
     _add_file_args(check)
     check.set_defaults(func=cmd_check)
@@ -65,14 +79,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = spec_mod.load(args.file, args.overrides)
     _check_data_root(spec, args.file)
     log.info("%s", _summary(spec))
-    import ray
     import ray.train
 
     from orchestrator.launch import launch
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, ignore_reinit_error=True)
+    _init_ray(args.address)
     try:
         outcome = launch(spec, str(args.file))
     except ray.train.TrainingFailedError as err:
@@ -81,6 +92,52 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     _print_outcome(outcome)
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    spec = spec_mod.load(args.file, args.overrides)
+    if spec.tune is None:
+        raise SpecError(args.file, "tune", "a `tune:` block (metric, mode, space, ...) for `orchestrator sweep`",
+                        None)
+    _check_data_root(spec, args.file)
+    log.info("sweep of %s", _summary(spec))
+    from ray.tune import TuneError
+
+    from orchestrator.tune import sweep
+
+    _init_ray(args.address)
+    try:
+        outcome = sweep(spec, str(args.file))
+    except TuneError as err:
+        print(f"error: sweep {spec.name} failed: {err}\nrun the same command again to resume it", file=sys.stderr)
+        return 1
+    _print_sweep(outcome, spec)
+    return 0 if any(r["status"] != "error" for r in outcome.rows) else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import compare
+    from orchestrator.tracking import resolve_tracking_uri
+
+    client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
+    try:
+        runs = compare.resolve_runs(client, args.run_ids, args.experiment, args.sweep)
+    except LookupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    table, files = compare.compare(client, runs, args.metrics, Path(args.out))
+    print(table)
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
 
 
 def _check_data_root(spec: ExperimentSpec, file: str) -> None:
@@ -107,6 +164,23 @@ def _print_outcome(outcome) -> None:  # noqa: ANN001 - launch.RunOutcome, import
     uri = display_uri(outcome.tracking_uri)
     print(f"run directory: {outcome.run_dir}")
     print(f"MLflow run {outcome.run_id} in {uri}")
+    if uri.startswith("sqlite:"):
+        print(f"open the UI with: mlflow ui --backend-store-uri {uri}")
+
+
+def _print_sweep(outcome, spec: ExperimentSpec) -> None:  # noqa: ANN001 - tune.SweepOutcome, imported lazily
+    from orchestrator.compare import format_table
+    from orchestrator.tracking import display_uri
+
+    print(format_table([{k: v for k, v in r.items() if k != "run_id"} for r in outcome.rows]))
+    stopped = sum(r["status"] == "stopped early" for r in outcome.rows)
+    print(f"{len(outcome.rows)} trials, {stopped} stopped early by the scheduler")
+    if outcome.best is not None:
+        print(f"best trial {outcome.best['trial']}: {spec.tune.metric} = {outcome.best[spec.tune.metric]:.4f} "
+              f"(MLflow run {outcome.best['run_id']})")
+    uri = display_uri(outcome.tracking_uri)
+    print(f"sweep directory: {outcome.sweep_dir}")
+    print(f"MLflow parent run {outcome.parent_run_id} in {uri}")
     if uri.startswith("sqlite:"):
         print(f"open the UI with: mlflow ui --backend-store-uri {uri}")
 

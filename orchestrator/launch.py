@@ -28,13 +28,13 @@ from torch import nn
 
 from orchestrator import checkpoint as ckpt_io
 from orchestrator import spec as spec_mod
-from orchestrator.optim import build_optimizer, build_scheduler, default_param_groups
-from orchestrator.spec import ExperimentSpec, SpecError
+from orchestrator.optim import build_optimizer, build_scheduler, default_param_groups, load_training_state
+from orchestrator.spec import ExperimentSpec, Shown, SpecError
 from orchestrator.storage import RunDir, absolute
 
 log = logging.getLogger("orchestrator")
 
-COMPARED_ON_RESUME = ("method", "seed", "data", "config", "optim")
+COMPARED_ON_RESUME = ("method", "seed", "data", "config", "optim", "tune")
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -60,39 +60,55 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
     from orchestrator.progress import ProgressBoard, ProgressWatcher
     from orchestrator.tracking import Tracker, resolve_tracking_uri
 
-    spec = _absolute_paths(spec)
+    spec = absolute_paths(spec)
+    if spec.tune is not None:
+        raise SpecError(spec_file, "tune", "no `tune:` block for `orchestrator run` (run the sweep with "
+                        "`orchestrator sweep`, or its base experiment once with --set tune=null name=NEW_NAME)",
+                        Shown("a sweep"))
     if spec.trainer.run is not None:
         raise NotImplementedError(f"method {spec.method!r} uses run(cfg, ctx), which `orchestrator run` cannot launch yet")
     run_dir = RunDir(spec.storage_path, spec.name)
-    _check_same_experiment(spec, run_dir)
+    check_same_experiment(spec, run_dir)
     tracker = Tracker(resolve_tracking_uri(spec.tracking.tracking_uri))
-    run_id, resumed = _open_mlflow_run(tracker, spec, run_dir, spec_file)
+    run_id, resumed = open_mlflow_run(tracker, spec, run_dir, spec_file)
     log.info("%s run %s (MLflow run %s)", "resuming" if resumed else "starting", run_dir, run_id)
 
     board = ProgressBoard.remote()
     watcher = ProgressWatcher(board, spec.optim.steps)
     loop_config = {"spec_yaml": spec_mod.to_yaml(spec), "tracking_uri": tracker.uri, "run_id": run_id, "board": board}
     watcher.start()
-    ok = False
+    result = None
     try:
-        result = _torch_trainer(spec, loop_config).fit()
-        ok = result.error is None
+        result = torch_trainer(spec, loop_config).fit()
     finally:
         watcher.stop()
         ray.kill(board)
-        tracker.close(run_id, ok)
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    tracker.log_dict(run_id, metrics, "final_metrics.json")
-    tracker.log_learning_curves(run_id)
+        metrics = finish_mlflow_run(tracker, run_id, result)
     return RunOutcome(metrics, run_id, tracker.uri, str(run_dir), resumed)
 
 
-def _open_mlflow_run(tracker: Any, spec: ExperimentSpec, run_dir: RunDir, spec_file: str) -> tuple[str, bool]:
-    """Open the run's MLflow run (or reopen it on resume); a new one gets its params and experiment file."""
+def finish_mlflow_run(tracker: Any, run_id: str, result: Any) -> dict[str, float]:
+    """Mark the run FINISHED (or FAILED when `result` is None or has an error); log the final metrics and a PNG
+    of the learning curves. Returns the final numeric metrics."""
+    ok = result is not None and result.error is None
+    tracker.close(run_id, ok)
+    metrics = {k: float(v) for k, v in (result.metrics if result is not None else {}).items()
+               if isinstance(v, (int, float))}
+    if metrics:
+        tracker.log_dict(run_id, metrics, "final_metrics.json")
+    tracker.log_learning_curves(run_id)
+    return metrics
+
+
+def open_mlflow_run(tracker: Any, spec: ExperimentSpec, run_dir: RunDir, spec_file: str, run_name: str | None = None,
+                    extra_tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """Open the run's MLflow run (or reopen it on resume); a new one gets its params and experiment file.
+    `extra_tags` may hold `mlflow.parentRunId` to nest it under a sweep."""
     from orchestrator import tracking
 
     tags = tracking.run_tags(spec.method, spec.trainer.paper, spec.data.dataset, spec_file, spec.tracking.tags)
-    run_id, resumed = tracker.open_run(run_dir, spec.tracking.experiment or spec.method, tags)
+    run_id, resumed = tracker.open_run(run_dir, spec.tracking.experiment or spec.method, {**tags, **(extra_tags or {})},
+                                       run_name)
     if not resumed:
         params = tracking.flatten({k: v for k, v in spec.model_dump(mode="json").items() if k != "config"})
         params.update(tracking.flatten(_asdict(spec.method_config()), "config."))
@@ -101,7 +117,10 @@ def _open_mlflow_run(tracker: Any, spec: ExperimentSpec, run_dir: RunDir, spec_f
     return run_id, resumed
 
 
-def _torch_trainer(spec: ExperimentSpec, loop_config: dict[str, Any]) -> Any:
+def torch_trainer(spec: ExperimentSpec, loop_config: dict[str, Any], name: str | None = None,
+                  storage_path: str | None = None, callbacks: tuple[Any, ...] = ()) -> Any:
+    """The TorchTrainer of one run: `name` and `storage_path` default to the experiment's (a sweep gives each
+    trial's runs their own), `callbacks` are Ray Train UserCallbacks."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -118,22 +137,23 @@ def _torch_trainer(spec: ExperimentSpec, loop_config: dict[str, Any]) -> Any:
             placement_strategy=spec.resources.placement_strategy,
         ),
         run_config=RunConfig(
-            name=spec.name,
-            storage_path=spec.storage_path,
+            name=name or spec.name,
+            storage_path=storage_path or spec.storage_path,
             failure_config=FailureConfig(max_failures=spec.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress replaces Ray Train's info lines
+            callbacks=list(callbacks),
         ),
     )
 
 
-def _absolute_paths(spec: ExperimentSpec) -> ExperimentSpec:
+def absolute_paths(spec: ExperimentSpec) -> ExperimentSpec:
     """Workers chdir into their run directory, so relative paths are resolved here, against the driver's cwd."""
     data = spec.data.model_copy(update={"root": spec.data.root and absolute(spec.data.root)})
     return spec.model_copy(update={"data": data, "storage_path": absolute(spec.storage_path)})
 
 
-def _check_same_experiment(spec: ExperimentSpec, run_dir: RunDir) -> None:
+def check_same_experiment(spec: ExperimentSpec, run_dir: RunDir) -> None:
     """Resuming `name` with a different recipe would silently mix two experiments: refuse it."""
     current = yaml.safe_load(_public_yaml(spec))
     saved = run_dir.read("experiment.yaml")
@@ -217,7 +237,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     seed_everything(spec.seed, rank)
     setup = Setup.build(spec, device)
-    position = _restore(ray.train.get_checkpoint(), setup, rank)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("initial_checkpoint"):  # a sweep trial restarted by Tune
+        checkpoint = ray.train.Checkpoint(loop_config["initial_checkpoint"])
+    position = _restore(checkpoint, setup, rank)
     step_module = ray.train.torch.prepare_model(TrainStep(setup.model, setup.method.train_step, setup.cfg),
                                                 move_to_device=False)
 
@@ -254,8 +277,7 @@ def _restore(checkpoint: Any, setup: Setup, rank: int) -> Position:
     with checkpoint.as_directory() as directory:
         model_state, train_state, rng = ckpt_io.load(Path(directory), rank)
     setup.model.load_state_dict(model_state)
-    setup.optimizer.load_state_dict(train_state["optimizer"])
-    setup.scheduler.load_state_dict(train_state["scheduler"])
+    load_training_state(setup.optimizer, setup.scheduler, train_state["optimizer"], train_state["scheduler"])
     if rng is not None:
         ckpt_io.restore_rng(rng)
     log.info("rank %d resumed at step %d", rank, train_state["step"])
@@ -287,6 +309,7 @@ class StepLoop:
                  report: Report, logger: Any = None, board: Any = None):
         self.setup, self.spec, self.step_module, self.device = setup, setup.spec, step_module, device
         self.rank, self.world, self.report, self.logger, self.board = rank, world, report, logger, board
+        self.last_train: dict[str, float] = {}  # the latest logged train/* means, sent with every report
         self.micro_batch = self.spec.optim.batch_size // (world * self.spec.optim.grad_accum)
         use_amp = self.spec.optim.amp and device.type == "cuda"
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
@@ -335,10 +358,11 @@ class StepLoop:
         return {"loss": loss.detach(), **metrics, "lr": setup.optimizer.param_groups[0]["lr"]}
 
     def _log(self, averaged: dict[str, float], step: int) -> None:
-        if self.rank != 0:
-            return
         metrics = {f"train/{k}": v for k, v in averaged.items() if k not in ("samples_per_s", "steps_per_s")}
         metrics["train/samples_per_s"] = averaged["samples_per_s"]
+        self.last_train = metrics
+        if self.rank != 0:
+            return
         if self.logger is not None:
             self.logger.log(metrics, step)
         if self.board is not None:
@@ -371,7 +395,7 @@ class StepLoop:
         """With a checkpoint, each rank writes its RNG and rank 0 the model and training state, then all report."""
         if self.rank == 0 and metrics and self.logger is not None:
             self.logger.log(metrics, position.step)
-        metrics = {**metrics, "step": position.step}
+        metrics = {**self.last_train, **metrics, "step": position.step}
         if not with_checkpoint:
             self.report(metrics, None, position.step)
             return

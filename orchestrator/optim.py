@@ -80,3 +80,18 @@ def lr_factor(step: int, spec: OptimSpec) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, spec: OptimSpec) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
+
+
+def load_training_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                        optimizer_state: dict[str, Any], scheduler_state: dict[str, Any]) -> None:
+    """Load a checkpoint's optimizer and schedule state but keep this experiment's hyperparameters (lr, weight
+    decay, momentum, ...): a trial that PBT restarts from another trial's checkpoint with new values trains on
+    under the new values. An ordinary resume has the same values on both sides, so nothing changes for it."""
+    own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
+    for group, values in zip(optimizer.param_groups, own):
+        group.update(values)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)

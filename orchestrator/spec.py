@@ -15,6 +15,7 @@ exits with status 2 before Ray starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -105,6 +106,44 @@ class ResourcesSpec(_Strict):
     deepspeed: None = None  # DeepSpeed configs arrive with the language-model trainer
 
 
+class TrialResources(_Strict):
+    """Per-trial overrides of `resources:` in a sweep (unset keys keep the experiment's values)."""
+
+    workers: int | None = Field(default=None, gt=0)
+    cpus_per_worker: float | None = Field(default=None, gt=0)
+    gpus_per_worker: float | None = Field(default=None, ge=0)
+
+
+class SchedulerSpec(BaseModel):
+    """`name` (fifo, asha, hyperband, bohb, median, pbt, or any name in Ray's scheduler registry) plus that
+    scheduler's own keyword arguments; for pbt, `mutations:` is a search space (default: `tune.space`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = "fifo"
+
+
+class SearcherSpec(BaseModel):
+    """`name` (random, grid, optuna, hyperopt, bohb, or any name in Ray's searcher registry) plus its keyword
+    arguments."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = "random"
+
+
+class TuneSpec(_Strict):
+    metric: str  # a reported key: eval/<name> or train/<name>
+    mode: Literal["min", "max"]
+    num_samples: int = Field(default=1, gt=0)  # with grid values: repeats of the whole grid
+    max_concurrent_trials: int | None = Field(default=None, gt=0)  # None: as many as the cluster fits
+    report_every: int | None = Field(default=None, gt=0)  # steps between evaluations+checkpoints; None: eval.every
+    space: dict[str, Any] = {}  # dotted key -> {distribution: args} (orchestrator.search_space)
+    scheduler: SchedulerSpec = SchedulerSpec()
+    searcher: SearcherSpec = SearcherSpec()
+    resources: TrialResources = TrialResources()
+    max_failures: int = Field(default=1, ge=-1)  # restarts of a crashed trial from its last checkpoint
+    time_budget_s: float | None = Field(default=None, gt=0)
+
+
 class EvalSpec(_Strict):
     every: int | None = Field(default=None, gt=0)  # None: only at the end
     batch_size: int = Field(default=256, gt=0)
@@ -133,7 +172,7 @@ class ExperimentSpec(_Strict):
     checkpoint: CheckpointSpec = CheckpointSpec()
     log_every: int = Field(default=10, gt=0)
     storage_path: str = "runs"
-    tune: None = None  # sweeps arrive with `orchestrator sweep`
+    tune: TuneSpec | None = None  # `orchestrator sweep` runs it; `orchestrator run` ignores it
     tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("name")
@@ -165,7 +204,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Exper
     raw = _merged_yaml(path)
     for item in overrides:
         key, value = _parse_override(item)
-        _set_dotted(raw, key, value, path)
+        set_dotted(raw, key, value, path)
     return validate(raw, path)
 
 
@@ -176,9 +215,13 @@ def validate(raw: dict[str, Any], path: str | Path | None = None) -> ExperimentS
         raise _spec_error(err, raw, path) from None
     if spec.method not in trainers.TRAINERS:
         known = ", ".join(sorted(trainers.TRAINERS))
-        raise SpecError(path, "method", f"one of the known methods ({known}){_did_you_mean(spec.method, trainers.TRAINERS)}", spec.method)
+        raise SpecError(path, "method", f"one of the known methods ({known}){did_you_mean(spec.method, trainers.TRAINERS)}", spec.method)
     method_config(spec.trainer.Config, spec.config, path)
     _check_batching(spec, path)
+    if spec.tune is not None:
+        from orchestrator.tune import check
+
+        check(spec, raw, path)
     return spec
 
 
@@ -238,7 +281,15 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path) -> None:
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any], path: str | Path | None = None) -> dict[str, Any]:
+    """A deep copy of `raw` with each dotted key of `overrides` set."""
+    raw = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        set_dotted(raw, key, value, path)
+    return raw
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, path: str | Path | None) -> None:
     node = raw
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -258,7 +309,7 @@ def _spec_error(err: ValidationError, raw: dict[str, Any], path: str | Path | No
     key = ".".join(loc)
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
-        hint = _did_you_mean(loc[-1], allowed)
+        hint = did_you_mean(loc[-1], allowed)
         return SpecError(path, key, f"a known key{hint} (allowed here: {', '.join(allowed)})", Shown("an unknown key"))
     if first["type"] == "missing":
         return SpecError(path, key, "this required key to be set", Shown("nothing"))
@@ -277,7 +328,7 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def _did_you_mean(word: str, choices: Any) -> str:
+def did_you_mean(word: str, choices: Any) -> str:
     close = difflib.get_close_matches(str(word), list(choices), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
@@ -289,7 +340,7 @@ def method_config(config_cls: type, values: dict[str, Any], path: str | Path | N
     for key, value in values.items():
         if key not in hints:
             fields = ", ".join(hints)
-            raise SpecError(path, f"config.{key}", f"a field of {config_cls.__module__}.Config{_did_you_mean(key, hints)} (fields: {fields})", Shown("an unknown key"))
+            raise SpecError(path, f"config.{key}", f"a field of {config_cls.__module__}.Config{did_you_mean(key, hints)} (fields: {fields})", Shown("an unknown key"))
         try:
             coerced[key] = TypeAdapter(hints[key]).validate_python(value)
         except ValidationError as err:

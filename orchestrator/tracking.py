@@ -80,8 +80,10 @@ class Tracker:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
 
-    def open_run(self, run_dir: RunDir, experiment: str, tags: dict[str, str]) -> tuple[str, bool]:
-        """(run_id, resumed). The run id is remembered in the run directory's `mlflow_run.json`."""
+    def open_run(self, run_dir: RunDir, experiment: str, tags: dict[str, str],
+                 run_name: str | None = None) -> tuple[str, bool]:
+        """(run_id, resumed). The run id is remembered in the run directory's `mlflow_run.json`; the run is named
+        `run_name`, by default after the run directory."""
         remembered = run_dir.read("mlflow_run.json")
         if remembered is not None:
             run_id = json.loads(remembered)["run_id"]
@@ -89,7 +91,7 @@ class Tracker:
             return run_id, True
         exp = self.client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, self._artifacts(experiment))
-        run = self.client.create_run(exp_id, run_name=run_dir.path.rsplit("/", 1)[-1], tags=tags)
+        run = self.client.create_run(exp_id, run_name=run_name or run_dir.path.rsplit("/", 1)[-1], tags=tags)
         run_dir.write("mlflow_run.json", json.dumps({"run_id": run.info.run_id, "tracking_uri": display_uri(self.uri)}))
         return run.info.run_id, False
 

@@ -1,0 +1,228 @@
+"""Runs side by side, from MLflow: `orchestrator compare RUN_ID... | --experiment NAME | --sweep ID_OR_NAME`.
+
+A table of the runs with the params that differ between them and their final metrics (printed, and written as
+CSV and Markdown), and a PNG overlaying their metric curves. Sweeps use the same pieces for their trial table
+and plot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import itertools
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+STATUS_TAG = "tune.status"  # completed | stopped early | error, set on each trial's child run
+SWEEP_KIND = ("orchestrator.kind", "sweep")
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)
+
+
+# ---------------------------------------------------------------------------------------------- finding runs
+
+
+def children(client: Any, parent_id: str) -> list[Any]:
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=10_000)
+    return sorted(runs, key=lambda r: r.data.tags.get("trial_id", r.info.run_name or ""))
+
+
+def find_sweep(client: Any, sweep: str) -> Any:
+    """A sweep's parent run, by run id or by sweep name (the newest sweep of that name)."""
+    import mlflow.exceptions
+
+    with contextlib.suppress(mlflow.exceptions.MlflowException):
+        run = client.get_run(sweep)
+        if run.data.tags.get(SWEEP_KIND[0]) == SWEEP_KIND[1]:
+            return run
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.sweep = '{sweep}' and tags.`{SWEEP_KIND[0]}` = '{SWEEP_KIND[1]}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise LookupError(f"no sweep {sweep!r}: give the parent run id or the sweep's name")
+    return runs[0]
+
+
+def resolve_runs(client: Any, run_ids: list[str], experiment: str | None, sweep: str | None) -> list[Any]:
+    """The runs named by ids, all runs of an MLflow experiment (sweep parents left out), or a sweep's trials."""
+    runs = [client.get_run(run_id) for run_id in run_ids]
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise LookupError(f"no MLflow experiment {experiment!r}")
+        runs += [r for r in client.search_runs([found.experiment_id], max_results=10_000,
+                                               order_by=["attributes.start_time ASC"])
+                 if r.data.tags.get(SWEEP_KIND[0]) != SWEEP_KIND[1]]
+    if sweep is not None:
+        runs += children(client, find_sweep(client, sweep).info.run_id)
+    if not runs:
+        raise LookupError("no runs to compare: give run ids, --experiment NAME or --sweep ID")
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def default_metrics(runs: list[Any]) -> list[str]:
+    """Every eval/* metric the runs have, then train/loss."""
+    keys = {k for r in runs for k in r.data.metrics}
+    return sorted(k for k in keys if k.startswith("eval/")) + (["train/loss"] if "train/loss" in keys else [])
+
+
+def differing_params(runs: list[Any]) -> list[str]:
+    keys = sorted({k for r in runs for k in r.data.params})
+    return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+
+
+def comparison_rows(runs: list[Any], metrics: list[str]) -> list[dict[str, Any]]:
+    params = differing_params(runs)
+    rows = []
+    for run in runs:
+        row = {"run": run.info.run_name, "run_id": run.info.run_id,
+               "status": run.data.tags.get(STATUS_TAG, run.info.status.lower())}
+        row.update({k: run.data.params.get(k, "") for k in params})
+        row.update({k: run.data.metrics.get(k) for k in metrics})
+        rows.append(row)
+    return rows
+
+
+def trial_rows(client: Any, parent_id: str, metric: str) -> list[dict[str, Any]]:
+    """One row per trial of a sweep: its overrides, status, final `metric`, the step it reached, minutes."""
+    rows = []
+    for run in children(client, parent_id):
+        history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
+        end = run.info.end_time or run.info.start_time
+        rows.append({
+            "trial": run.data.tags.get("trial_id", run.info.run_name),
+            "run_id": run.info.run_id,
+            "status": run.data.tags.get(STATUS_TAG, run.info.status.lower()),
+            **json.loads(run.data.tags.get("tune.overrides", "{}")),
+            metric: history[-1].value if history else None,
+            "step": history[-1].step if history else 0,
+            "minutes": round((end - run.info.start_time) / 60_000, 2),
+        })
+    return rows
+
+
+def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
+    scored = [r for r in rows if r.get(metric) is not None]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda r: r[metric])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Aligned columns for a terminal."""
+    if not rows:
+        return "(no rows)"
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_tables(rows: list[dict[str, Any]], stem: Path) -> list[Path]:
+    """`stem`.csv and `stem`.md."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    csv_path, md_path = stem.with_suffix(".csv"), stem.with_suffix(".md")
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)).replace("|", "\\|") for c in columns) + " |" for r in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return [csv_path, md_path]
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(client: Any, runs: list[Any], metrics: list[str], path: Path) -> None:
+    """One panel per metric, one line per run, against the optimizer step."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 2.6 * len(metrics)), squeeze=False)
+    for ax, key in zip(axes[:, 0], metrics):
+        for run in runs:
+            history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+            if history:
+                ax.plot([m.step for m in history], [m.value for m in history], label=run.info.run_name,
+                        marker="." if len(history) < 30 else None)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("optimizer step")
+    if len(runs) <= 12:
+        axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(client: Any, rows: list[dict[str, Any]], metric: str, mode: str, path: Path) -> None:
+    """Left: `metric` against the step for every trial (early-stopped ones end early). Right: each trial's final
+    `metric` against the time it ended, with the best so far."""
+    plt = _pyplot()
+    fig, (curves, timeline) = plt.subplots(1, 2, figsize=(12, 4.2))
+    runs = {r["run_id"]: client.get_run(r["run_id"]).info for r in rows}
+    for row in rows:
+        history = sorted(client.get_metric_history(row["run_id"], metric), key=lambda m: m.step)
+        style = "--" if row["status"] == "stopped early" else "-"
+        curves.plot([m.step for m in history], [m.value for m in history], style, marker=".", label=row["trial"])
+    curves.set(xlabel="optimizer step", ylabel=metric, title="trials (dashed: stopped early)")
+    curves.grid(alpha=0.3)
+    done = sorted((r for r in rows if r.get(metric) is not None),
+                  key=lambda r: runs[r["run_id"]].end_time or runs[r["run_id"]].start_time)
+    if done:
+        t0 = min(info.start_time for info in runs.values())
+        minutes = [((runs[r["run_id"]].end_time or runs[r["run_id"]].start_time) - t0) / 60_000 for r in done]
+        values = [r[metric] for r in done]
+        best_so_far = list(itertools.accumulate(values, max if mode == "max" else min))
+        timeline.scatter(minutes, values, c=["tab:orange" if r["status"] == "stopped early" else "tab:blue"
+                                             for r in done])
+        timeline.step(minutes, best_so_far, where="post", color="black", label=f"best so far ({mode})")
+        timeline.legend(fontsize=8)
+    timeline.set(xlabel="minutes since the first trial started", ylabel=f"final {metric}",
+                 title="trials by end time (orange: stopped early)")
+    timeline.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(client: Any, runs: list[Any], metrics: list[str] | None, out: Path) -> tuple[str, list[Path]]:
+    """The printed table and the files written to `out`: compare.csv, compare.md, compare.png."""
+    metrics = metrics or default_metrics(runs)
+    rows = comparison_rows(runs, metrics)
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_tables(rows, out / "compare")
+    if metrics:
+        plot_curves(client, runs, metrics, out / "compare.png")
+        files.append(out / "compare.png")
+    return format_table(rows), files

@@ -1,0 +1,487 @@
+"""Ray Tune sweeps: `orchestrator sweep FILE` runs the experiment's `tune:` block (DESIGN.md, "Tune").
+
+    tune:
+      metric: eval/accuracy
+      mode: max
+      num_samples: 8
+      space: {optim.lr: {loguniform: [0.01, 0.5]}, optim.weight_decay: {choice: [0.0, 5.0e-4]}}
+      scheduler: {name: asha, grace_period: 100, reduction_factor: 2}
+      searcher: {name: optuna}
+
+Layout of a sweep in `<storage_path>/<name>/`: Tune's experiment state and one directory per trial (its Tune
+checkpoints), plus `runs/<trial>/` (the trial's MLflow child run id, the checkpoint it was last started from) and
+`runs/<trial>-<start>/` (the Ray Train run of one start of the trial).
+
+Each trial is a small driver (`run_trial`, a Tune function) that builds a TorchTrainer for the experiment with the
+trial's overrides (Tune + Train v2 interop). Every `report_every` steps the trial evaluates and checkpoints; the
+Train controller hands the report to the driver (`TrialReporter`), which reports it to Tune with the checkpoint, so
+schedulers act on the metric and PBT can clone one trial's checkpoint into another. A trial that Tune starts
+again (PBT exploit, HyperBand pause, a new sweep driver) starts a new Train run from the checkpoint Tune gives it;
+a crashed worker inside a trial is Ray Train's to restart.
+
+MLflow: one parent run per sweep and one child per trial, nested under it (params: the trial's overrides and the
+resolved config); the parent gets the trial table (CSV, Markdown) and a plot. Running the same command again
+restores the sweep (Tuner.restore): trials keep their child runs and nothing is logged twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune as ray_tune
+from ray.train import UserCallback
+from ray.tune.search import BasicVariantGenerator
+
+from orchestrator import spec as spec_mod
+from orchestrator.compare import STATUS_TAG
+from orchestrator.launch import (absolute_paths, check_same_experiment, finish_mlflow_run, open_mlflow_run,
+                                 torch_trainer)
+from orchestrator.search_space import Distribution, check_tunable, parse_space
+from orchestrator.spec import ExperimentSpec, SpecError
+from orchestrator.storage import RunDir
+
+log = logging.getLogger("orchestrator")
+
+# Our short names -> Ray's registry names (any other registry name is accepted as is).
+SCHEDULER_ALIASES = {"asha": "async_hyperband", "bohb": "hb_bohb", "median": "median_stopping_rule"}
+SEARCHER_ALIASES = {"random": "variant_generator", "grid": "variant_generator"}
+SEARCHER_SEED_ARG = {"optuna": "seed", "hyperopt": "random_state_seed", "bohb": "seed"}
+TRIAL_DRIVER_CPU = 0.01  # the trial driver only waits on its TorchTrainer; the workers hold the real resources
+
+
+# ---------------------------------------------------------------------------------------------- the tune block
+
+
+def report_every(spec: ExperimentSpec) -> int:
+    return spec.tune.report_every or spec.eval.every or spec.checkpoint.every
+
+
+def check(spec: ExperimentSpec, raw: dict[str, Any], path: str | Path | None) -> None:
+    """Everything about `tune:` that can be checked before Ray starts (called by spec.validate)."""
+    tune = spec.tune
+    if not tune.metric.startswith(("eval/", "train/")):
+        raise SpecError(path, "tune.metric", "a metric the trials report: eval/<name> or train/<name>", tune.metric)
+    space, mutations = parse_space(tune.space, path), pbt_mutations(spec, path)
+    if not space and not mutations:
+        raise SpecError(path, "tune.space", "at least one dotted key with a distribution, e.g. "
+                                            "optim.lr: {loguniform: [1.0e-3, 0.3]}", tune.space)
+    for where, distributions in (("tune.space", space), ("tune.scheduler.mutations", mutations)):
+        for key, distribution in distributions.items():
+            check_tunable(key, path, where)
+            for value in distribution.probe_values():
+                _checked_trial_spec(spec, {key: value}, path, f"{where}.{key}")
+    if _registry_name(tune.searcher.name, SEARCHER_ALIASES) != "variant_generator":
+        grid = [k for k, d in space.items() if d.kind == "grid"]
+        if grid:
+            raise SpecError(path, f"tune.space.{grid[0]}", "choice instead of grid with searcher "
+                                                          f"{tune.searcher.name!r} (grid needs searcher random)", "grid")
+    build_scheduler(spec, path)
+    build_searcher(spec, path)
+
+
+def trial_spec(spec: ExperimentSpec, overrides: dict[str, Any], path: str | Path | None = None) -> ExperimentSpec:
+    """The experiment one trial runs: the file without `tune:`, the trial's overrides, `tune.resources`, and an
+    evaluation + checkpoint every `report_every` steps (what the schedulers see)."""
+    every = report_every(spec)
+    raw = {k: v for k, v in spec.model_dump(mode="json").items() if k != "tune"}
+    resources = {f"resources.{k}": v for k, v in spec.tune.resources.model_dump().items() if v is not None}
+    fixed = {"eval.every": every, "checkpoint.every": every, "log_every": min(spec.log_every, every)}
+    return spec_mod.validate(spec_mod.with_overrides(raw, {**overrides, **resources, **fixed}, path), path)
+
+
+def _checked_trial_spec(spec: ExperimentSpec, overrides: dict[str, Any], path: str | Path | None, where: str) -> None:
+    try:
+        trial_spec(spec, overrides, path)
+    except SpecError as err:
+        (key, value), = overrides.items()
+        raise SpecError(path, where, f"values the experiment accepts; with {key} = {value!r}: {err.key}: "
+                                     f"expected {err.expected}", value) from None
+
+
+def pbt_mutations(spec: ExperimentSpec, path: str | Path | None) -> dict[str, Distribution]:
+    extra = spec.tune.scheduler.model_extra or {}
+    if "mutations" not in extra:
+        return {}
+    if not isinstance(extra["mutations"], dict):
+        raise SpecError(path, "tune.scheduler.mutations", "a search space (dotted key -> distribution)",
+                        extra["mutations"])
+    return parse_space(extra["mutations"], path, "tune.scheduler.mutations")
+
+
+def param_space(spec: ExperimentSpec) -> dict[str, Any]:
+    return {key: d.to_ray() for key, d in parse_space(spec.tune.space, None).items()}
+
+
+def _registry_name(name: str, aliases: dict[str, str]) -> str:
+    return aliases.get(name.lower(), name.lower())
+
+
+def build_scheduler(spec: ExperimentSpec, path: str | Path | None = None) -> Any:
+    """The Tune scheduler, with time measured in optimizer steps (the `step` every report carries)."""
+    from ray.tune.schedulers import SCHEDULER_IMPORT, create_scheduler
+
+    tune = spec.tune
+    name = _registry_name(tune.scheduler.name, SCHEDULER_ALIASES)
+    known = sorted({*SCHEDULER_IMPORT, "asha", "bohb", "median"})
+    if name not in SCHEDULER_IMPORT:
+        raise SpecError(path, "tune.scheduler.name", f"a Tune scheduler ({', '.join(known)})", tune.scheduler.name)
+    kwargs = _scheduler_defaults(spec, name)
+    kwargs.update({k: v for k, v in (tune.scheduler.model_extra or {}).items() if k != "mutations"})
+    if name in ("pbt", "pbt_replay", "pb2"):
+        kwargs.update(_pbt_arguments(spec, name, path))
+    scheduler_cls = SCHEDULER_IMPORT[name]
+    scheduler_cls = scheduler_cls() if inspect.isfunction(scheduler_cls) else scheduler_cls  # lazy imports
+    accepted = inspect.signature(scheduler_cls).parameters
+    if "time_attr" not in accepted:
+        kwargs.pop("time_attr", None)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise SpecError(path, f"tune.scheduler.{unknown[0]}",
+                        f"an argument of {scheduler_cls.__name__} ({', '.join(p for p in accepted if p != 'self')})",
+                        kwargs[unknown[0]])
+    try:
+        return create_scheduler(name, **kwargs)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise SpecError(path, "tune.scheduler", f"arguments that {scheduler_cls.__name__} accepts: {err}",
+                        tune.scheduler.model_dump()) from None
+
+
+def _scheduler_defaults(spec: ExperimentSpec, name: str) -> dict[str, Any]:
+    every, steps = report_every(spec), spec.optim.steps
+    defaults: dict[str, dict[str, Any]] = {
+        "async_hyperband": {"max_t": steps, "grace_period": every},
+        "asynchyperband": {"max_t": steps, "grace_period": every},
+        "hyperband": {"max_t": steps},
+        "hb_bohb": {"max_t": steps},
+        "median_stopping_rule": {"grace_period": every},
+        "medianstopping": {"grace_period": every},
+        "pbt": {"perturbation_interval": 4 * every},
+        "pb2": {"perturbation_interval": 4 * every},
+    }
+    return {"time_attr": "step", **defaults.get(name, {})}
+
+
+def _pbt_arguments(spec: ExperimentSpec, name: str, path: str | Path | None) -> dict[str, Any]:
+    """PBT explores `mutations` (default: the search space); PB2 needs numeric bounds of the same keys."""
+    mutations = pbt_mutations(spec, path) or parse_space(spec.tune.space, path)
+    if name == "pb2":
+        bounds = {k: list(d.numeric_bounds) for k, d in mutations.items() if d.numeric_bounds}
+        return {} if "hyperparam_bounds" in (spec.tune.scheduler.model_extra or {}) else {"hyperparam_bounds": bounds}
+    if name == "pbt_replay":
+        return {}
+    return {"hyperparam_mutations": {k: list(d.args[0]) if d.numeric_bounds is None else d.to_ray()
+                                     for k, d in mutations.items()}}
+
+
+def build_searcher(spec: ExperimentSpec, path: str | Path | None = None, max_concurrent: int = 0) -> Any:
+    """The search algorithm; random search is Tune's variant generator, seeded by the experiment's seed (Tune
+    limits its concurrency only when it is told here; other searchers it wraps in a ConcurrencyLimiter)."""
+    from ray.tune.search import SEARCH_ALG_IMPORT, create_searcher
+
+    searcher = spec.tune.searcher
+    name = _registry_name(searcher.name, SEARCHER_ALIASES)
+    kwargs = dict(searcher.model_extra or {})
+    if name == "variant_generator":
+        return BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent, **kwargs)
+    if name not in SEARCH_ALG_IMPORT:
+        known = ", ".join(sorted({*SEARCH_ALG_IMPORT, "random", "grid"}))
+        raise SpecError(path, "tune.searcher.name", f"a Tune searcher ({known})", searcher.name)
+    if name == "bohb" and _registry_name(spec.tune.scheduler.name, SCHEDULER_ALIASES) != "hb_bohb":
+        raise SpecError(path, "tune.scheduler.name", "bohb (searcher bohb runs with scheduler bohb)",
+                        spec.tune.scheduler.name)
+    if name in SEARCHER_SEED_ARG:
+        kwargs.setdefault(SEARCHER_SEED_ARG[name], spec.seed)
+    try:
+        return create_searcher(name, **kwargs)
+    except (ImportError, AssertionError) as err:
+        raise SpecError(path, "tune.searcher.name", f"a searcher whose package is installed ({err})", name) from None
+    except (TypeError, ValueError) as err:
+        raise SpecError(path, "tune.searcher", f"arguments that searcher {name!r} accepts: {err}",
+                        searcher.model_dump()) from None
+
+
+# ---------------------------------------------------------------------------------------------- the sweep driver
+
+
+@dataclass
+class SweepContext:
+    """What every trial driver needs, passed through tune.with_parameters."""
+
+    spec_yaml: str  # the resolved experiment, `tune:` included
+    spec_file: str
+    tracking_uri: str
+    parent_run_id: str
+    runs_root: str  # <storage_path>/<name>/runs
+
+
+@dataclass
+class SweepOutcome:
+    parent_run_id: str
+    tracking_uri: str
+    sweep_dir: str
+    rows: list[dict[str, Any]]  # one per trial (orchestrator.compare.trial_rows)
+    best: dict[str, Any] | None
+    resumed: bool
+
+
+def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
+    """Run (or resume) the sweep on the current Ray cluster and track it in MLflow."""
+    from orchestrator import compare
+    from orchestrator.tracking import Tracker, resolve_tracking_uri
+
+    spec = absolute_paths(spec)
+    sweep_dir = RunDir(spec.storage_path, spec.name)
+    check_same_experiment(spec, sweep_dir)
+    tracker = Tracker(resolve_tracking_uri(spec.tracking.tracking_uri))
+    parent_id, resumed = _open_parent_run(tracker, spec, sweep_dir, spec_file)
+    context = SweepContext(spec_mod.to_yaml(spec), spec_file, tracker.uri, parent_id, f"{sweep_dir.display}/runs")
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, sweep=context), {"CPU": TRIAL_DRIVER_CPU})
+    experiment_path = sweep_dir.display
+    if ray_tune.Tuner.can_restore(experiment_path):
+        log.info("resuming sweep %s (MLflow parent run %s)", experiment_path, parent_id)
+        tuner = ray_tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        log.info("starting sweep %s (MLflow parent run %s)", experiment_path, parent_id)
+        tuner = ray_tune.Tuner(trainable, param_space=param_space(spec), tune_config=_tune_config(spec),
+                               run_config=_run_config(spec, tracker.uri, context.runs_root))
+    ok = False
+    try:
+        tuner.fit()
+        ok = True
+    finally:
+        rows = compare.trial_rows(tracker.client, parent_id, spec.tune.metric)
+        best = compare.best_row(rows, spec.tune.metric, spec.tune.mode)
+        _finish_parent_run(tracker, parent_id, spec, rows, best, ok)
+    return SweepOutcome(parent_id, tracker.uri, sweep_dir.display, rows, best, resumed)
+
+
+def _open_parent_run(tracker: Any, spec: ExperimentSpec, sweep_dir: RunDir, spec_file: str) -> tuple[str, bool]:
+    from orchestrator import tracking
+
+    return open_mlflow_run(tracker, spec, sweep_dir, spec_file, run_name=f"{spec.name} (sweep)",
+                           extra_tags={"orchestrator.kind": "sweep", "sweep": spec.name,
+                                       "tune.metric": spec.tune.metric, "tune.mode": spec.tune.mode,
+                                       "tune.space": json.dumps(tracking.redact(spec.tune.space))})
+
+
+def _tune_config(spec: ExperimentSpec) -> Any:
+    tune = spec.tune
+    concurrency = tune.max_concurrent_trials or _concurrency_that_fits(spec)
+    searcher = build_searcher(spec, max_concurrent=concurrency)
+    limited_by_searcher = isinstance(searcher, BasicVariantGenerator)  # Tune wraps only Searchers in a limiter
+    return ray_tune.TuneConfig(metric=tune.metric, mode=tune.mode, num_samples=tune.num_samples,
+                               max_concurrent_trials=None if limited_by_searcher else concurrency,
+                               scheduler=build_scheduler(spec), search_alg=searcher,
+                               time_budget_s=tune.time_budget_s, trial_name_creator=trial_name,
+                               trial_dirname_creator=trial_name, reuse_actors=False)
+
+
+def _concurrency_that_fits(spec: ExperimentSpec) -> int:
+    """As many trials at once as the cluster's CPUs (and GPUs) hold: each trial's workers need their own."""
+    import ray
+
+    resources = trial_spec(spec, {}).resources
+    cluster = ray.cluster_resources()
+    fits = [int(cluster.get("CPU", 1) // (resources.workers * resources.cpus_per_worker))]
+    if resources.gpus_per_worker:
+        fits.append(int(cluster.get("GPU", 0) // (resources.workers * resources.gpus_per_worker)))
+    return max(1, min(fits))
+
+
+def _run_config(spec: ExperimentSpec, tracking_uri: str, runs_root: str) -> Any:
+    return ray_tune.RunConfig(
+        name=spec.name,
+        storage_path=spec.storage_path,
+        failure_config=ray_tune.FailureConfig(max_failures=spec.tune.max_failures),
+        # PBT clones a trial's latest checkpoint while that trial goes on: keep a few so it is still there
+        checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=max(3, spec.checkpoint.keep)),
+        callbacks=[ChildRunCloser(tracking_uri, runs_root, spec.optim.steps)],
+        verbose=1,
+    )
+
+
+def trial_name(trial: Any) -> str:
+    return trial.trial_id
+
+
+def _finish_parent_run(tracker: Any, parent_id: str, spec: ExperimentSpec, rows: list[dict[str, Any]],
+                       best: dict[str, Any] | None, ok: bool) -> None:
+    from orchestrator import compare
+
+    metric = spec.tune.metric
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("completed", "stopped early", "error")}
+    summary = {"trials/total": len(rows), "trials/completed": counts["completed"],
+               "trials/stopped_early": counts["stopped early"], "trials/errored": counts["error"]}
+    if best is not None:
+        summary[f"best/{metric}"] = best[metric]
+        tracker.client.set_tag(parent_id, "best_trial", best["trial"])
+        tracker.client.set_tag(parent_id, "best_run_id", best["run_id"])
+    tracker.client.log_batch(parent_id, metrics=_metrics(summary))
+    with compare.scratch_dir() as tmp:
+        compare.write_tables(rows, tmp / "trials")
+        compare.plot_sweep(tracker.client, rows, metric, spec.tune.mode, tmp / "sweep.png")
+        for name in ("trials.csv", "trials.md", "sweep.png"):
+            tracker.client.log_artifact(parent_id, str(tmp / name))
+    tracker.close(parent_id, ok)
+
+
+def _metrics(values: dict[str, float]) -> list[Any]:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, 0) for k, v in values.items()]
+
+
+# ---------------------------------------------------------------------------------------------- one trial
+
+
+def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
+    """A Tune trial: one (re)start of the experiment with the trial's overrides, as a Ray Train run."""
+    from ray.util.queue import Queue
+
+    from orchestrator.tracking import Tracker
+
+    trial_id = ray_tune.get_context().get_trial_id()
+    base = spec_mod.validate(yaml.safe_load(sweep.spec_yaml))
+    spec = trial_spec(base, config)
+    tracker = Tracker(sweep.tracking_uri)
+    trial_dir = RunDir(sweep.runs_root, trial_id)
+    run_id, _ = open_mlflow_run(tracker, spec, trial_dir, sweep.spec_file, run_name=_child_name(trial_id, config),
+                                extra_tags={"mlflow.parentRunId": sweep.parent_run_id, "sweep": base.name,
+                                            "trial_id": trial_id})
+    start = _stage_start(ray_tune.get_checkpoint(), trial_dir)
+    _log_start(tracker, run_id, trial_id, config, start)
+    loop_config = {"spec_yaml": spec_mod.to_yaml(spec), "tracking_uri": tracker.uri, "run_id": run_id,
+                   "board": None, "initial_checkpoint": start.path}
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    trainer = torch_trainer(spec, loop_config, name=f"{trial_id}-{start.tag}", storage_path=sweep.runs_root,
+                            callbacks=(TrialReporter(reports),))
+    result = _fit_reporting_to_tune(trainer, reports)
+    finish_mlflow_run(tracker, run_id, result)
+    tracker.client.set_tag(run_id, STATUS_TAG, "completed")
+    if result.error is not None:
+        raise result.error
+
+
+def _child_name(trial_id: str, overrides: dict[str, Any]) -> str:
+    shown = " ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in overrides.items())
+    return f"{trial_id} {shown}"[:250]
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@dataclass
+class StartPoint:
+    path: str | None  # a checkpoint directory under runs/<trial>/, or None for a fresh start
+    tag: str  # names the Train run of this start: "fresh", or a digest of the Tune checkpoint
+    source_trial: str | None  # whose checkpoint it is (another trial's after a PBT exploit)
+    step: int
+
+
+def _stage_start(checkpoint: Any, trial_dir: RunDir) -> StartPoint:
+    """Copy the checkpoint Tune starts this trial from into runs/<trial>/start (the trial it came from may delete
+    it soon), and name the Train run after it: a restart from the same checkpoint continues the same Train run."""
+    if checkpoint is None:
+        return StartPoint(None, "fresh", None, 0)
+    import pyarrow.fs as pafs
+
+    source_trial = Path(checkpoint.path).parent.name
+    target = f"{trial_dir.path}/start"
+    trial_dir.fs.delete_dir_contents(target, missing_dir_ok=True)
+    trial_dir.fs.create_dir(target, recursive=True)
+    pafs.copy_files(checkpoint.path, target, source_filesystem=checkpoint.filesystem,
+                    destination_filesystem=trial_dir.fs)
+    with trial_dir.fs.open_input_stream(f"{target}/manifest.json") as stream:
+        step = int(json.loads(stream.read())["step"])
+    digest = hashlib.sha1(checkpoint.path.encode()).hexdigest()[:8]
+    return StartPoint(f"{trial_dir.display}/start", digest, source_trial, step)
+
+
+def _log_start(tracker: Any, run_id: str, trial_id: str, config: dict[str, Any], start: StartPoint) -> None:
+    """The trial's current overrides (PBT changes them) as the `tune.overrides` tag, numeric ones also as
+    `hp/<key>` metrics at the step this start begins at (so a PBT schedule shows as curves), and where the start
+    came from."""
+    tracker.client.set_tag(run_id, "tune.overrides", json.dumps(config))
+    numeric = {f"hp/{k}": float(v) for k, v in config.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        tracker.client.log_batch(run_id, metrics=[Metric(k, v, now, start.step) for k, v in numeric.items()])
+    if start.source_trial not in (None, trial_id):
+        tracker.client.set_tag(run_id, "tune.restored_from", f"{start.source_trial} at step {start.step}")
+        log.info("trial %s starts from %s's checkpoint at step %d", trial_id, start.source_trial, start.step)
+
+
+def _fit_reporting_to_tune(trainer: Any, reports: Any) -> Any:
+    """Run `trainer.fit()` in a thread; here, pass each (metrics, checkpoint) it reports on to Tune."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the trial's thread below
+            outcome["error"] = err
+        finally:
+            reports.put(None)
+
+    thread = threading.Thread(target=fit, name="train-run", daemon=True)
+    thread.start()
+    while (item := reports.get()) is not None:
+        metrics, checkpoint = item
+        if checkpoint is not None:
+            checkpoint = ray_tune.Checkpoint(checkpoint.path, filesystem=checkpoint.filesystem)
+        ray_tune.report(metrics, checkpoint=checkpoint)
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+class TrialReporter(UserCallback):
+    """On the Train controller: hands rank 0's report and the persisted checkpoint to the trial driver through a
+    queue of size 1, so training waits for Tune as it would under `tune.report`."""
+
+    def __init__(self, reports: Any):
+        self.reports = reports
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.reports.put((dict(metrics[0]), checkpoint))
+
+
+class ChildRunCloser(ray_tune.Callback):
+    """On the sweep driver: marks each trial's MLflow child run when Tune ends the trial, whether it completed,
+    was stopped early by the scheduler (its driver is killed before it can say so) or failed."""
+
+    def __init__(self, tracking_uri: str, runs_root: str, total_steps: int):
+        self.tracking_uri, self.runs_root, self.total_steps = tracking_uri, runs_root, total_steps
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        step = int((trial.last_result or {}).get("step", 0))
+        self._mark(trial.trial_id, "completed" if step >= self.total_steps else "stopped early", "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._mark(trial.trial_id, "error", "FAILED")
+
+    def _mark(self, trial_id: str, status: str, run_status: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        remembered = RunDir(self.runs_root, trial_id).read("mlflow_run.json")
+        if remembered is None:
+            return
+        client = MlflowClient(self.tracking_uri)
+        run_id = json.loads(remembered)["run_id"]
+        client.set_tag(run_id, STATUS_TAG, status)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=run_status)
