@@ -112,6 +112,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"error: sweep {spec.name} failed: {err}\nrun the same command again to resume it", file=sys.stderr)
         return 1
     _print_sweep(outcome, spec)
+    if outcome.interrupted:
+        print(f"sweep {spec.name} was interrupted: run the same command again to resume it", file=sys.stderr)
+        return 1
     return 0 if any(r["status"] != "error" for r in outcome.rows) else 1
 
 

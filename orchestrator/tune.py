@@ -231,6 +231,7 @@ class SweepOutcome:
     rows: list[dict[str, Any]]  # one per trial (orchestrator.compare.trial_rows)
     best: dict[str, Any] | None
     resumed: bool
+    interrupted: bool  # some trials did not finish (the driver was interrupted); run the command again
 
 
 def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
@@ -253,15 +254,17 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
         log.info("starting sweep %s (MLflow parent run %s)", experiment_path, parent_id)
         tuner = ray_tune.Tuner(trainable, param_space=param_space(spec), tune_config=_tune_config(spec),
                                run_config=_run_config(spec, tracker.uri, context.runs_root))
-    ok = False
+    status = "FAILED"
     try:
         tuner.fit()
-        ok = True
+        status = "FINISHED"
     finally:
         rows = compare.trial_rows(tracker.client, parent_id, spec.tune.metric)
+        if any(r["status"] == "running" for r in rows):  # Ctrl-C: Tune saved its state and returned
+            status = "KILLED"
         best = compare.best_row(rows, spec.tune.metric, spec.tune.mode)
-        _finish_parent_run(tracker, parent_id, spec, rows, best, ok)
-    return SweepOutcome(parent_id, tracker.uri, sweep_dir.display, rows, best, resumed)
+        _finish_parent_run(tracker, parent_id, spec, rows, best, status)
+    return SweepOutcome(parent_id, tracker.uri, sweep_dir.display, rows, best, resumed, status == "KILLED")
 
 
 def _open_parent_run(tracker: Any, spec: ExperimentSpec, sweep_dir: RunDir, spec_file: str) -> tuple[str, bool]:
@@ -314,7 +317,7 @@ def trial_name(trial: Any) -> str:
 
 
 def _finish_parent_run(tracker: Any, parent_id: str, spec: ExperimentSpec, rows: list[dict[str, Any]],
-                       best: dict[str, Any] | None, ok: bool) -> None:
+                       best: dict[str, Any] | None, status: str) -> None:
     from orchestrator import compare
 
     metric = spec.tune.metric
@@ -331,7 +334,7 @@ def _finish_parent_run(tracker: Any, parent_id: str, spec: ExperimentSpec, rows:
         compare.plot_sweep(tracker.client, rows, metric, spec.tune.mode, tmp / "sweep.png")
         for name in ("trials.csv", "trials.md", "sweep.png"):
             tracker.client.log_artifact(parent_id, str(tmp / name))
-    tracker.close(parent_id, ok)
+    tracker.client.set_terminated(parent_id, status=status)
 
 
 def _metrics(values: dict[str, float]) -> list[Any]:
@@ -351,7 +354,7 @@ def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
     from orchestrator.tracking import Tracker
 
     trial_id = ray_tune.get_context().get_trial_id()
-    base = spec_mod.validate(yaml.safe_load(sweep.spec_yaml))
+    base = ExperimentSpec.model_validate(yaml.safe_load(sweep.spec_yaml))  # checked in full by the sweep driver
     spec = trial_spec(base, config)
     tracker = Tracker(sweep.tracking_uri)
     trial_dir = RunDir(sweep.runs_root, trial_id)

@@ -86,8 +86,8 @@ def test_asha_stops_the_weak_trials_early(asha_sweep) -> None:
     client, again, _ = asha_sweep
     _, children = sweep_runs(client, "asha-digits")
     status = {json.loads(c.data.tags["tune.overrides"])["optim.lr"]: c.data.tags["tune.status"] for c in children}
-    assert status[0.1] == "completed"
-    assert "stopped early" in status.values()
+    assert status[0.0003] == status[0.0001] == "stopped early"  # they reach each rung after the good ones
+    assert "completed" in status.values()
     stopped = sum(s == "stopped early" for s in status.values())
     assert f"4 trials, {stopped} stopped early by the scheduler" in again.stdout
     best = max(children, key=lambda c: c.data.metrics.get("eval/acc", 0))
@@ -126,7 +126,7 @@ def test_compare_tabulates_a_sweeps_trials(asha_sweep, capsys) -> None:
 
 
 def test_pbt_clones_a_better_trials_checkpoint(ray_cluster, mlflow_uri, tmp_path, capsys) -> None:
-    path = write_sweep(tmp_path, "pbt-digits", optim={"steps": 80, "schedule": "constant"}, tune={
+    path = write_sweep(tmp_path, "pbt-digits", optim={"steps": 60, "schedule": "constant"}, tune={
         "report_every": 20, "space": {"optim.lr": {"grid": [0.0003, 0.2]}},
         "scheduler": {"name": "pbt", "perturbation_interval": 40, "quantile_fraction": 0.5, "synch": True,
                       "resample_probability": 0.0, "mutations": {"optim.lr": {"loguniform": [1.0e-4, 0.5]}}}})

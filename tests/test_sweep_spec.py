@@ -105,13 +105,17 @@ def test_bad_tune_blocks_name_the_key(tmp_path: Path, block, key, expected) -> N
     assert error.key == key and expected in error.expected
 
 
-def test_check_refuses_a_bad_sweep_before_ray_starts(tmp_path: Path, capsys) -> None:
+def test_check_refuses_a_bad_sweep_before_ray_starts(tmp_path: Path, capsys, monkeypatch) -> None:
     import ray
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a bad experiment file")
+
+    monkeypatch.setattr(ray, "init", no_ray)
     assert main(["check", str(sweep_file(tmp_path, scheduler={"name": "ashaa"}))]) == 2
     assert "tune.scheduler.name" in capsys.readouterr().err
     assert main(["sweep", str(sweep_file(tmp_path, space={"optim.lr": {"uniform": [1, 0]}}))]) == 2
-    assert not ray.is_initialized()
+    assert "tune.space.optim.lr.uniform: expected low < high" in capsys.readouterr().err
 
 
 def test_sweep_needs_a_tune_block_and_run_refuses_one(tmp_path: Path, capsys) -> None:
