@@ -1,0 +1,176 @@
+"""ComplexFormer's complex multi-head attention (CMHA) and the RoPE attention it generalises.
+
+Spec: ../shared/papers/methods_nas_gen_llm.md section 7 (Shao et al., "ComplexFormer: Head-Specific Complex Vector
+Attention", arXiv 2505.10222, withdrawn; official code: shaojintian/complexFormer, `ComplexMultiHeadAttentionV2`).
+
+Per head h, with head dim d (even) and i = 0..d/2-1, a head vector x is read as d/2 complex numbers r + i p:
+
+    r = x[..., :d/2],  p = x[..., d/2:]                         real and imaginary halves
+    lambda = sqrt(r^2 + p^2 + 1e-9),  theta = atan2(p, r)        Euler transform (magnitude, phase)
+    AS_{mn,i} = theta^q_{m,i} - theta^k_{n,i}                    semantic angle difference
+    Adapt(AS)_{mn,i} = delta_{h,i} * AS_{mn,i} + b_{h,i}         head-specific adaptation, delta, b in R^{H x d/2}
+    Delta(P)_{mn,i} = (m - n) * g_i,  g_i = base^(-2i/d)          relative position (RoPE frequencies)
+    s_{mn} = sum_i lambda^q_{m,i} lambda^k_{n,i} cos(Adapt(AS)_{mn,i} + Delta(P)_{mn,i})
+
+With delta = 1 and b = 0 the score is rotate-half (GPT-NeoX) RoPE attention: the pair (x_i, x_{i+d/2}) rotated by m g_i.
+
+Fast path: cos(A_m - B_n) = cos A_m cos B_n + sin A_m sin B_n with
+
+    A_m = delta * theta^q_m + b + m g,   B_n = delta * theta^k_n + n g
+    q' = cat(lambda^q cos A, lambda^q sin A),   k' = cat(lambda^k cos B, lambda^k sin B),   s = q' k'^T
+
+so the bias sits on the query side only and A_m - B_n = delta (theta^q_m - theta^k_n) + b + (m - n) g. This costs
+O(L^2 d) time and O(L d) extra memory, never builds the (B, H, Lq, Lk, d/2) phase tensor of the official code, and lets
+the attention run through torch.nn.functional.scaled_dot_product_attention.
+
+As in the official code the projections are bias-free with Xavier-uniform init, delta ~ N(0, 1/sqrt(d/2)) and b = 0,
+and scores are not scaled by default (scale="sqrt" is the 1/sqrt(d) ablation). Deviations, with reasons:
+- Angles are computed in at least float32 (the official code casts the frequencies to bf16, which loses (m - n) g_i
+  for long contexts); inputs in half precision are upcast for the Euler transform and cast back.
+- The modules are causal self-attention (SDPA with is_causal=True) instead of taking an additive mask: the official
+  module has no mask of its own and the spec's reproduction is a causal LM.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EPS = 1e-9
+Scale = Literal["none", "sqrt"]
+
+
+def rope_frequencies(head_dim: int, base: float = 10000.0, device: torch.device | str | None = None) -> Tensor:
+    """g_i = base^(-2i/d) for i = 0..d/2-1, in float32: (d/2,)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    return base ** -exponents
+
+
+def _angle_dtype(x: Tensor) -> torch.dtype:
+    """Angles and the Euler transform are computed in float32, or float64 when the input is float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _position_angles(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> Tensor:
+    """m g_i for every position m: (L,) -> (L, d/2)."""
+    g = rope_frequencies(head_dim, base, device=positions.device).to(dtype)
+    return positions.to(dtype)[:, None] * g
+
+
+def apply_rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotate-half RoPE: (x_i, x_{i+d/2}) rotated by m g_i. x (B, H, L, d), positions (L,) -> (B, H, L, d)."""
+    dtype = _angle_dtype(x)
+    angle = _position_angles(positions, x.shape[-1], base, dtype)  # (L, d/2)
+    cos, sin = angle.cos(), angle.sin()
+    r, p = x.to(dtype).chunk(2, dim=-1)  # (B, H, L, d/2) each
+    return torch.cat([r * cos - p * sin, r * sin + p * cos], dim=-1).to(x.dtype)
+
+
+def euler_transform(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Magnitude lambda and phase theta of the complex head vector r + i p: (..., d) -> 2 x (..., d/2)."""
+    r, p = x.chunk(2, dim=-1)
+    return torch.sqrt(r * r + p * p + EPS), torch.atan2(p, r)
+
+
+def complex_scores_reference(q: Tensor, k: Tensor, delta: Tensor, bias: Tensor, positions_q: Tensor,
+                             positions_k: Tensor, base: float = 10000.0) -> Tensor:
+    """The literal score s_{mn}, materialising the phase tensor (B, H, Lq, Lk, d/2).
+
+    q (B, H, Lq, d), k (B, H, Lk, d), delta and bias (H, d/2), positions_q (Lq,), positions_k (Lk,) -> (B, H, Lq, Lk).
+    """
+    dtype = _angle_dtype(q)
+    lambda_q, theta_q = euler_transform(q.to(dtype))  # (B, H, Lq, d/2)
+    lambda_k, theta_k = euler_transform(k.to(dtype))  # (B, H, Lk, d/2)
+    semantic = theta_q[..., :, None, :] - theta_k[..., None, :, :]  # AS: (B, H, Lq, Lk, d/2)
+    adapt = delta[:, None, None, :].to(dtype) * semantic + bias[:, None, None, :].to(dtype)
+    relative = (positions_q[:, None] - positions_k[None, :]).to(dtype)  # m - n: (Lq, Lk)
+    g = rope_frequencies(q.shape[-1], base, device=q.device).to(dtype)
+    phase = adapt + relative[..., None] * g  # (B, H, Lq, Lk, d/2)
+    magnitude = lambda_q[..., :, None, :] * lambda_k[..., None, :, :]  # (B, H, Lq, Lk, d/2)
+    return (magnitude * torch.cos(phase)).sum(dim=-1).to(q.dtype)
+
+
+def complex_qk(q: Tensor, k: Tensor, delta: Tensor, bias: Tensor, positions: Tensor,
+               base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """q', k' with q' k'^T = complex_scores_reference(q, k, delta, bias, positions, positions).
+
+    q, k (B, H, L, d), delta and bias (H, d/2), positions (L,) -> q', k' (B, H, L, d) in the dtype of q.
+    """
+    dtype = _angle_dtype(q)
+    lambda_q, theta_q = euler_transform(q.to(dtype))  # (B, H, L, d/2)
+    lambda_k, theta_k = euler_transform(k.to(dtype))
+    position = _position_angles(positions, q.shape[-1], base, dtype)  # m g: (L, d/2)
+    delta, bias = delta[:, None, :].to(dtype), bias[:, None, :].to(dtype)  # (H, 1, d/2)
+    angle_q = delta * theta_q + bias + position  # A_m
+    angle_k = delta * theta_k + position  # B_n
+    q_rot = torch.cat([lambda_q * angle_q.cos(), lambda_q * angle_q.sin()], dim=-1)
+    k_rot = torch.cat([lambda_k * angle_k.cos(), lambda_k * angle_k.sin()], dim=-1)
+    return q_rot.to(q.dtype), k_rot.to(k.dtype)
+
+
+class _CausalSelfAttention(nn.Module):
+    """Bias-free Q/K/V/O projections (Xavier-uniform), a position encoding of q and k, causal SDPA."""
+
+    def __init__(self, d_model: int, n_heads: int, *, scale: Scale, base: float, dropout: float) -> None:
+        super().__init__()
+        if n_heads <= 0 or d_model % n_heads != 0:
+            raise ValueError(f"d_model={d_model} must be a multiple of n_heads={n_heads}")
+        head_dim = d_model // n_heads
+        if head_dim % 2 != 0:
+            raise ValueError(f"head dim d_model/n_heads = {d_model}/{n_heads} = {head_dim} must be even")
+        if scale not in ("none", "sqrt"):
+            raise ValueError(f"scale={scale!r} must be 'none' or 'sqrt'")
+        self.n_heads, self.head_dim, self.base, self.dropout = n_heads, head_dim, base, dropout
+        self.scale = 1.0 if scale == "none" else 1.0 / math.sqrt(head_dim)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            nn.init.xavier_uniform_(proj.weight)
+
+    def encode_positions(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """q, k (B, H, L, d), positions (L,) -> q, k (B, H, L, d) whose dot products are the attention scores."""
+        raise NotImplementedError
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        """(B, L, D) -> (B, H, L, d)."""
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x (B, L, D), positions (L,) integer (default 0..L-1) -> (B, L, D)."""
+        batch, length, d_model = x.shape
+        if positions is None:
+            positions = torch.arange(length, device=x.device)
+        q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = self.encode_positions(q, k, positions)
+        dropout_p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+
+
+class ComplexMultiHeadAttention(_CausalSelfAttention):
+    """CMHA: scores s_{mn} of the module docstring through the complex_qk fast path; unscaled by default."""
+
+    def __init__(self, d_model: int, n_heads: int, *, scale: Scale = "none", base: float = 10000.0,
+                 dropout: float = 0.0) -> None:
+        super().__init__(d_model, n_heads, scale=scale, base=base, dropout=dropout)
+        half = self.head_dim // 2
+        self.delta = nn.Parameter(torch.randn(n_heads, half) / math.sqrt(half))  # (H, d/2)
+        self.bias = nn.Parameter(torch.zeros(n_heads, half))  # (H, d/2)
+
+    def encode_positions(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return complex_qk(q, k, self.delta, self.bias, positions, self.base)
+
+
+class RoPEMultiHeadAttention(_CausalSelfAttention):
+    """The baseline: rotate-half RoPE on q and k; scaled by 1/sqrt(d) by default."""
+
+    def __init__(self, d_model: int, n_heads: int, *, scale: Scale = "sqrt", base: float = 10000.0,
+                 dropout: float = 0.0) -> None:
+        super().__init__(d_model, n_heads, scale=scale, base=base, dropout=dropout)
+
+    def encode_positions(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return apply_rope(q, positions, self.base), apply_rope(k, positions, self.base)
