@@ -389,7 +389,12 @@ class StepLoop:
             torch.distributed.all_reduce(stacked)
         sums = dict(zip(keys, stacked.tolist()))
         count = sums.pop("n", 0.0)
-        return {f"eval/{k}": v / count for k, v in sums.items()} if count else {}
+        if not count:
+            return {}
+        means = {k: v / count for k, v in sums.items()}
+        if setup.method.eval_summary is not None:
+            means.update(setup.method.eval_summary(means))
+        return {f"eval/{k}": v for k, v in means.items()}
 
     def _report(self, metrics: dict[str, float], position: Position, with_checkpoint: bool) -> None:
         """With a checkpoint, each rank writes its RNG and rank 0 the model and training state, then all report."""

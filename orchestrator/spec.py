@@ -54,7 +54,7 @@ DATASETS_NEEDING_ROOT = {"cifar10", "cifar100", "stl10", "imagefolder", "parquet
 
 
 class DataSpec(_Strict):
-    dataset: Literal["digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet", "synthetic"]
+    dataset: Literal["digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet", "synthetic", "text"]
     root: str | None = None
     download: bool = False  # cifar10/cifar100/stl10 only, on machines with internet
     image_size: int | None = Field(default=None, gt=0)  # None: the dataset's native size
@@ -62,14 +62,20 @@ class DataSpec(_Strict):
     labeled_fraction: float | None = Field(default=None, gt=0, le=1)
     imbalance_factor: float | None = Field(default=None, ge=1)  # long tail: n_c = n_max * IF ** (-c / (C - 1))
     # None: the method's views
-    views: Literal["plain", "weak_strong", "weak_strong_multicrop", "two_crop", "multi_crop"] | None = None
+    views: Literal["plain", "weak_strong", "weak_strong_multicrop", "two_crop", "multi_crop", "tokens"] | None = None
     unlabeled_ratio: int = Field(default=7, gt=0)  # mu: unlabeled images per labeled one (weak_strong*)
     num_local_crops: int = Field(default=6, ge=0)  # multi_crop, weak_strong_multicrop
     loader_workers: int = Field(default=2, ge=0)
     synthetic_per_class: int = Field(default=200, gt=0)
     image_column: str = "image"  # parquet
     label_column: str = "label"  # parquet
-
+    # text: documents under `root` matching text_pattern, or (root null) the Python standard library's source
+    text_pattern: str = "**/*.txt"
+    max_documents: int | None = Field(default=None, gt=1)  # the first N documents only (quick runs)
+    vocab_size: int = Field(default=8192, gt=256)  # byte-level BPE trained on the train documents
+    seq_len: int = Field(default=256, gt=0)
+    val_fraction: float = Field(default=0.05, gt=0, lt=1)
+    cache_dir: str | None = None  # tokenizer + Parquet shards; default ~/.cache/lab-orchestrator/text
     @model_validator(mode="after")
     def _check(self) -> "DataSpec":
         if self.labeled_per_class is not None and self.labeled_fraction is not None:

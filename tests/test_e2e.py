@@ -4,6 +4,7 @@ killed driver. These share the session's Ray instance."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -124,3 +125,20 @@ def test_semi_supervised_digits_setting_runs_under_ray(ray_cluster, mlflow_uri, 
     run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["method"] == method
     assert {"train/loss", "train/mask", "eval/acc"} <= set(run.data.metrics)
+
+
+@pytest.mark.parametrize("variant", ["stdlib_complex", "stdlib_vq64"])
+def test_language_model_trains_under_ray_and_logs_perplexity(ray_cluster, mlflow_uri, tmp_path, variant) -> None:
+    """The shipped CPU language-model files, on 40 standard-library documents with a 512-token vocabulary."""
+    spec = spec_mod.load(REPO / "experiments" / "lm" / f"{variant}.yaml",
+                         [f"storage_path={tmp_path}", f"data.cache_dir={tmp_path / 'text'}", "data.max_documents=40",
+                          "data.vocab_size=512", "data.seq_len=32", "optim.steps=20", "optim.warmup_steps=5",
+                          "eval.every=10", "checkpoint.every=10"])
+    outcome = launch(spec)
+    assert outcome.metrics["step"] == 20
+    assert outcome.metrics["eval/ppl"] == pytest.approx(math.exp(outcome.metrics["eval/loss"]), rel=1e-6)
+    assert outcome.metrics["eval/ppl"] < 512  # better than uniform over the vocabulary after 20 steps
+    run = MlflowClient(mlflow_uri).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["method"] == "lm"
+    assert {"train/loss", "eval/loss", "eval/ppl"} <= set(run.data.metrics)
+    assert "corpus.json" in {a.path for a in MlflowClient(mlflow_uri).list_artifacts(outcome.run_id)}

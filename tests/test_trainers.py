@@ -16,10 +16,16 @@ from trainers import TrainerSpec
 METHODS = sorted(trainers.TRAINERS)
 
 
-def tiny_batch(spec: TrainerSpec, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], trainers.DataInfo]:
-    """A real batch of the method's views, from the bundled digits at 16 px."""
+def tiny_data(spec: TrainerSpec):
+    """The method's views of real data: the bundled digits at 16 px, or 40 standard-library files as text."""
+    if spec.views == "tokens":  # a 512-token vocabulary, 32-token windows
+        return build_data(DataSpec(dataset="text", max_documents=40, vocab_size=512, seq_len=32), seed=0, views="tokens")
     labeled = {"labeled_per_class": 2} if spec.views.startswith("weak_strong") else {}
-    data = build_data(DataSpec(dataset="digits", image_size=16, unlabeled_ratio=2, **labeled), seed=0, views=spec.views)
+    return build_data(DataSpec(dataset="digits", image_size=16, unlabeled_ratio=2, **labeled), seed=0, views=spec.views)
+
+
+def tiny_batch(spec: TrainerSpec, batch_size: int = 8) -> tuple[dict[str, torch.Tensor], trainers.DataInfo]:
+    data = tiny_data(spec)
     items = [data.train[i] for i in range(batch_size)]
     return torch.utils.data.default_collate(items), data.info
 
@@ -84,9 +90,10 @@ def test_a_few_steps_on_one_batch_lower_the_loss(name: str) -> None:
 @pytest.mark.parametrize("name", [n for n in METHODS if trainers.get(n).eval_step is not None])
 def test_eval_step_returns_sums_with_a_count(name: str) -> None:
     spec = trainers.get(name)
-    data = build_data(DataSpec(dataset="digits", image_size=16), seed=0, views="plain")
+    data = tiny_data(spec)
     batch = torch.utils.data.default_collate([data.test[i] for i in range(6)])
     model = spec.build(spec.TINY, data.info).eval()
     with torch.no_grad():
         sums = spec.eval_step(model, batch, spec.TINY)
-    assert int(sums["n"]) == 6 and all(torch.is_tensor(v) and v.ndim == 0 for v in sums.values())
+    counted = batch["labels"].numel() if "labels" in batch else 6  # tokens, or images
+    assert int(sums["n"]) == counted and all(torch.is_tensor(v) and v.ndim == 0 for v in sums.values())

@@ -14,6 +14,7 @@ TRAINERS: dict[str, str] = {
     "fixmatch": "trainers.fixmatch",
     "simmatch": "trainers.simmatch",
     "simmatchv2": "trainers.simmatchv2",
+    "lm": "trainers.lm",
 }
 
 

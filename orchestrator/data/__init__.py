@@ -6,25 +6,29 @@
     bundle.artifacts            # {"split.json": {...}}: logged by the launcher
 
 Modules: sources.py (on-disk formats), synthetic.py (generated shapes), splits.py (long tail, labeled subset),
-transforms.py (augmentations), views.py (item formats).
+transforms.py (augmentations), views.py (item formats), text.py (corpora, tokenizer, token shards: the "text"
+dataset with the "tokens" view).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from orchestrator.data import transforms
+from orchestrator.data import text, transforms
 from orchestrator.data.sources import ConcatImages, Source, load_source
 from orchestrator.data.splits import Split, make_split, split_artifact
 from orchestrator.data.views import MultiCropView, PlainView, Pool, TwoCropView, WeakStrongView
 from orchestrator.spec import DataSpec
 from trainers._common.contract import DataInfo
 
-VIEWS = ("plain", "weak_strong", "weak_strong_multicrop", "two_crop", "multi_crop")
+VIEWS = ("plain", "weak_strong", "weak_strong_multicrop", "two_crop", "multi_crop", "tokens")
+TEXT_CACHE = Path("~/.cache/lab-orchestrator/text")
 
 
 @dataclass
@@ -47,6 +51,11 @@ def build_data(spec: DataSpec, seed: int, views: str) -> DataBundle:
     """
     if views not in VIEWS:
         raise ValueError(f"views: expected one of {', '.join(VIEWS)}, found {views!r}")
+    if (spec.dataset == "text") != (views == "tokens"):
+        raise ValueError(f"views 'tokens' and dataset 'text' go together, found dataset {spec.dataset!r} with "
+                         f"views {views!r}")
+    if spec.dataset == "text":
+        return build_text_data(spec)
     semi = views in ("weak_strong", "weak_strong_multicrop")
     if semi and spec.labeled_per_class is None and spec.labeled_fraction is None:
         raise ValueError(f"views {views!r} needs a labeled subset: set data.labeled_per_class (or labeled_fraction)")
@@ -69,6 +78,25 @@ def build_data(spec: DataSpec, seed: int, views: str) -> DataBundle:
     info = DataInfo(source.num_classes, size, source.in_channels, num_train=num_train, num_labeled=len(labeled))
     artifact = split_artifact(split, source.train_labels, source.num_classes, spec.dataset, seed, len(source.test))
     return DataBundle(train, test, info, {"split.json": artifact})
+
+
+def build_text_data(spec: DataSpec) -> DataBundle:
+    """Token windows of a corpus: the train and validation documents tokenised into Parquet shards (once, then
+    reused from the cache directory), read back as (input_ids, labels) windows of `seq_len` tokens."""
+    root = Path(spec.root).expanduser() if spec.root else None
+    files = text.local_corpus(root, spec.text_pattern) if root else text.stdlib_corpus()
+    files = files[: spec.max_documents] if spec.max_documents else files
+    source_key = hashlib.sha1(str(root.resolve() if root else "stdlib").encode()).hexdigest()[:10]
+    name = f"{root.name if root else 'stdlib'}-{source_key}-v{spec.vocab_size}-n{len(files)}"
+    out_dir = Path(spec.cache_dir or TEXT_CACHE).expanduser() / name
+    corpus = text.prepare_corpus(files, out_dir, spec.vocab_size, spec.val_fraction, root=root)
+    train = text.TokenWindows(out_dir, "train", spec.seq_len)
+    test = text.TokenWindows(out_dir, "val", spec.seq_len)
+    info = DataInfo(num_classes=0, image_size=0, in_channels=0, num_train=len(train), num_labeled=len(train),
+                    vocab_size=corpus.vocab_size, seq_len=spec.seq_len)
+    artifact = {"corpus": str(out_dir), "documents": len(files), "vocab_size": corpus.vocab_size,
+                "eot_id": corpus.eot_id, "train_tokens": corpus.train_tokens, "val_tokens": corpus.val_tokens}
+    return DataBundle(train, test, info, {"corpus.json": artifact})
 
 
 def _pools(source: Source, split: Split) -> tuple[Pool, Pool | None]:

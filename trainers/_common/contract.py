@@ -24,6 +24,8 @@ class DataInfo:
     in_channels: int
     num_train: int  # training images (labeled + unlabeled); sizes memory banks
     num_labeled: int
+    vocab_size: int = 0  # text: the tokenizer's vocabulary
+    seq_len: int = 0  # text: tokens per training window
 
 
 class RunContext(Protocol):
@@ -50,6 +52,7 @@ class TrainerSpec:
       the orchestrator adds them over batches and ranks and reports `eval/<key> = sum / n`.
     - on_step_end(model, cfg, step): after the optimizer step (EMA updates, queue pushes).
     - param_groups(model, cfg) -> list of dicts for the optimizer (e.g. no weight decay on norms).
+    - eval_summary(means) -> more eval metrics computed from the averaged ones (e.g. perplexity = exp(loss)).
     - views: the data views the method trains on ("plain", "weak_strong", "two_crop", "multi_crop").
     """
 
@@ -63,6 +66,7 @@ class TrainerSpec:
     eval_step: Callable[[nn.Module, Batch, Any], dict[str, torch.Tensor]] | None = None
     on_step_end: Callable[[nn.Module, Any, int], None] | None = None
     param_groups: Callable[[nn.Module, Any], list[dict[str, Any]]] | None = None
+    eval_summary: Callable[[dict[str, float]], dict[str, float]] | None = None
     run: Callable[[Any, RunContext], dict[str, float]] | None = None
 
     def __post_init__(self) -> None:

@@ -1,0 +1,158 @@
+"""Decoder-only language model with pluggable attention and output layer (ComplexFormer, VQ-Logits).
+
+Spec: ../shared/papers/methods_nas_gen_llm.md sections 7 (ComplexFormer) and 8 (VQ-Logits).
+
+    h_0 = E[x]                                        token embedding, no absolute positions (both attentions
+    h_l = h_{l-1} + Attn(LN(h_{l-1}))                 encode positions themselves)
+    h_l = h_l + MLP(LN(h_l))                          MLP: Linear(d, r d) - GELU - Linear(r d, d)
+    p(x_{t+1} | x_<=t) = softmax(LN(h_L) W^T)         output "softmax": W = E when tied (GPT-2)
+                       = VQ-Logits(LN(h_L))           output "vq": K codebook logits, exact cross-entropy over V
+
+- attention "rope": causal multi-head attention with rotate-half RoPE, scores scaled by 1/sqrt(d_head).
+- attention "complex": ComplexFormer's CMHA (kernels/complex_attention.py): Euler transform of q and k, per-head
+  adaptive phase delta * (theta_q - theta_k) + b plus the RoPE relative angle; unscaled scores as the official code
+  (attention_scale: sqrt is the ablation). delta = 1, b = 0 is exactly RoPE.
+- output "vq": codebook of K = num_codes vectors and a fixed token->code mapping (contiguous blocks or a seeded
+  random balanced assignment). The official code's k-means mapping needs pre-trained output embeddings, which a
+  model trained from scratch does not have; kernels.vq_logits.VQLogits.from_embeddings builds one from them.
+
+Sizes (Config fields d_model / n_layers / n_heads): TINY 64/2/4 for tests; the defaults are GPT-2 small
+(768/12/12, about 124M parameters with V = 50k and tied embeddings); 2048/24/16 is about 1.3B.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kernels.complex_attention import ComplexMultiHeadAttention, RoPEMultiHeadAttention
+from kernels.vq_logits import VQLogits
+from trainers._common.contract import Batch, DataInfo, TrainerSpec
+
+
+@dataclass
+class Config:
+    """GPT-2-small-sized defaults with the RoPE / full-softmax baseline."""
+
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    mlp_ratio: float = 4.0
+    attention: Literal["rope", "complex"] = "rope"
+    attention_scale: Literal["default", "none", "sqrt"] = "default"  # default: sqrt for rope, none for complex
+    rope_base: float = 10000.0
+    output: Literal["softmax", "vq"] = "softmax"
+    tie_embeddings: bool = True  # softmax output only: W = E
+    num_codes: int = 1024  # VQ-Logits K
+    vq_mapping: Literal["contiguous", "random"] = "contiguous"
+    dropout: float = 0.0
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+
+
+TINY = Config(d_model=64, n_layers=2, n_heads=4, num_codes=32)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        scale = {"default": {}, "none": {"scale": "none"}, "sqrt": {"scale": "sqrt"}}[cfg.attention_scale]
+        attention = ComplexMultiHeadAttention if cfg.attention == "complex" else RoPEMultiHeadAttention
+        self.norm_1 = nn.LayerNorm(cfg.d_model)
+        self.attention = attention(cfg.d_model, cfg.n_heads, base=cfg.rope_base, dropout=cfg.dropout, **scale)
+        self.norm_2 = nn.LayerNorm(cfg.d_model)
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model),
+                                 nn.Dropout(cfg.dropout))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
+        h = h + self.attention(self.norm_1(h))
+        return h + self.mlp(self.norm_2(h))
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.vq = VQLogits(cfg.d_model, vocab_size, cfg.num_codes, init=cfg.vq_mapping) if cfg.output == "vq" else None
+        untied = cfg.output == "softmax" and not cfg.tie_embeddings
+        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False) if untied else None
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, L, D)
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            recompute = self.cfg.activation_checkpointing and self.training
+            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
+        return self.norm(h)
+
+    def output_weight(self) -> torch.Tensor:  # (V, D) of the softmax output
+        return self.head.weight if self.head is not None else self.embed.weight
+
+    def nll(self, h: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the next tokens `labels` (B, L) given hidden states h (B, L, D)."""
+        if self.vq is not None:
+            return self.vq.loss(h, labels, reduction=reduction)
+        logits = h @ self.output_weight().T  # (B, L, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction=reduction)
+
+    def log_probs(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V), for generation
+        if self.vq is not None:
+            return self.vq.log_probs(h)
+        return torch.log_softmax((h @ self.output_weight().T).float(), dim=-1)
+
+
+def build(cfg: Config, info: DataInfo) -> nn.Module:
+    if not info.vocab_size:
+        raise ValueError("the lm method needs a text dataset (data.dataset: text), found no vocabulary")
+    return LanguageModel(cfg, info.vocab_size)
+
+
+def train_step(model: LanguageModel, batch: Batch, cfg: Config, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    loss = model.nll(model.hidden(batch["input_ids"]), batch["labels"])
+    return loss, {}
+
+
+@torch.no_grad()
+def eval_step(model: LanguageModel, batch: Batch, cfg: Config) -> dict[str, torch.Tensor]:
+    """Summed next-token NLL and the token count: eval/loss is the mean NLL per token."""
+    nll = model.nll(model.hidden(batch["input_ids"]), batch["labels"], reduction="sum")
+    return {"loss": nll, "n": torch.tensor(float(batch["labels"].numel()), device=nll.device)}
+
+
+def eval_summary(means: dict[str, float]) -> dict[str, float]:
+    return {"ppl": math.exp(min(means["loss"], 50.0))}
+
+
+def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: not on norms, biases, or ComplexFormer's delta and b (delta = 1 is RoPE, so
+    decaying it towards 0 would pull the attention away from its position encoding)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        exempt = p.ndim < 2 or name.endswith(("attention.delta", "attention.bias"))
+        (no_decay if exempt else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+SPEC = TrainerSpec(
+    name="lm",
+    paper="Decoder-only LM: RoPE / ComplexFormer (arXiv 2505.10222) attention, softmax / VQ-Logits (arXiv 2505.10202)",
+    Config=Config,
+    TINY=TINY,
+    views="tokens",
+    build=build,
+    train_step=train_step,
+    eval_step=eval_step,
+    eval_summary=eval_summary,
+    param_groups=param_groups,
+)
