@@ -70,8 +70,14 @@ def vq_cross_entropy(h: Tensor, codebook: Tensor, mapping: Tensor, cluster_sizes
     of the 'mean' (all targets ignored gives NaN, as F.cross_entropy does). The matmul runs in the input dtype;
     the logsumexp and the loss are float32 (float64 for float64 inputs).
     """
+    return cluster_cross_entropy(F.linear(h, codebook), mapping, cluster_sizes, targets, ignore_index, reduction)
+
+
+def cluster_cross_entropy(cluster_logits: Tensor, mapping: Tensor, cluster_sizes: Tensor, targets: Tensor,
+                          ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """`vq_cross_entropy` from codebook logits L_c (..., K) already computed (e.g. by `VQLogits.forward`, which
+    is where ZeRO-3 gathers the codebook)."""
     _check_reduction(reduction)
-    cluster_logits = F.linear(h, codebook)  # (..., K)
     log_z = log_partition(cluster_logits, cluster_sizes)  # (...,)
     valid = targets != ignore_index  # (...,)
     target_codes = mapping[targets.masked_fill(~valid, 0)]  # (...,) M(y)
@@ -169,16 +175,16 @@ class VQLogits(nn.Module):
         return layer
 
     def cluster_logits(self, h: Tensor) -> Tensor:
-        """L_c = h C^T: (..., d) -> (..., K)."""
-        return F.linear(h, self.codebook)
+        """L_c = h C^T: (..., d) -> (..., K), through `forward` (so ZeRO-3's hooks gather the codebook)."""
+        return self(h)
 
     def forward(self, h: Tensor) -> Tensor:
         """The codebook logits L_c (..., K); use `loss` for training and `log_probs` for per-token scores."""
-        return self.cluster_logits(h)
+        return F.linear(h, self.codebook)
 
     def loss(self, h: Tensor, targets: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
-        """Exact full-vocabulary cross-entropy of targets (...,) given h (..., d), via `vq_cross_entropy`."""
-        return vq_cross_entropy(h, self.codebook, self.mapping, self.cluster_sizes, targets, ignore_index, reduction)
+        """Exact full-vocabulary cross-entropy of targets (...,) given h (..., d) (`vq_cross_entropy`)."""
+        return cluster_cross_entropy(self(h), self.mapping, self.cluster_sizes, targets, ignore_index, reduction)
 
     def log_probs(self, h: Tensor) -> Tensor:
         """Exact log P(v) = L_c[M(v)] - log Z for every token: (..., d) -> (..., V), float32 or wider.

@@ -6,6 +6,10 @@ A checkpoint directory holds
     rng_rank{r}.pt    each rank's RNG states (python, numpy, torch, CUDA)
     manifest.json     written last by rank 0: the byte size of every file above that rank 0 wrote
 
+A DeepSpeed checkpoint holds DeepSpeed's own files instead of model.pt and train_state.pt (every rank writes its
+shards), the RNG files, and `manifest_rank{r}.json` from every rank (its files and their sizes); rank 0's
+manifest.json then records how many ranks wrote, and each rank's manifest is checked too.
+
 Every file is written to a temporary name and renamed, and a directory whose manifest is missing or disagrees
 with the files is refused (`CheckpointError`), so a half-written checkpoint is never loaded.
 """
@@ -52,9 +56,22 @@ def load(directory: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any], di
     verify(directory)
     model_state = torch.load(directory / "model.pt", map_location="cpu", weights_only=False)
     train_state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=False)
+    return model_state, train_state, load_rng(directory, rank)
+
+
+def load_rng(directory: Path, rank: int) -> dict[str, Any] | None:
     rng_path = directory / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_path, map_location="cpu", weights_only=False) if rng_path.is_file() else None
-    return model_state, train_state, rng
+    return torch.load(rng_path, map_location="cpu", weights_only=False) if rng_path.is_file() else None
+
+
+def save_rank_manifest(directory: Path, rank: int, world: int, step: int) -> None:
+    """After a rank has written its files (any layout, e.g. DeepSpeed's): list them with their sizes; rank 0
+    also writes manifest.json with the number of ranks whose manifests a complete checkpoint has."""
+    sizes = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+             if p.is_file() and not p.name.startswith("manifest") and not p.name.endswith(".tmp")}
+    _atomic_write(directory / f"manifest_rank{rank}.json", json.dumps({"files": sizes}).encode())
+    if rank == 0:
+        _atomic_write(directory / MANIFEST, json.dumps({"files": {}, "step": step, "ranks": world}).encode())
 
 
 def verify(directory: Path) -> dict[str, Any]:
@@ -62,12 +79,21 @@ def verify(directory: Path) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise CheckpointError(f"checkpoint {directory} has no {MANIFEST}: it was not completely written")
     manifest = json.loads(manifest_path.read_text())
-    for name, size in manifest["files"].items():
+    _check_sizes(directory, manifest["files"])
+    for rank in range(manifest.get("ranks", 0)):
+        rank_manifest = directory / f"manifest_rank{rank}.json"
+        if not rank_manifest.is_file():
+            raise CheckpointError(f"checkpoint {directory} has no {rank_manifest.name}: rank {rank} did not finish")
+        _check_sizes(directory, json.loads(rank_manifest.read_text())["files"])
+    return manifest
+
+
+def _check_sizes(directory: Path, sizes: dict[str, int]) -> None:
+    for name, size in sizes.items():
         path = directory / name
         if not path.is_file() or path.stat().st_size != size:
             found = path.stat().st_size if path.is_file() else "missing"
             raise CheckpointError(f"checkpoint {directory}: {name} should be {size} bytes, found {found}")
-    return manifest
 
 
 def restore_rng(state: dict[str, Any]) -> None:

@@ -69,6 +69,10 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
         raise NotImplementedError(f"method {spec.method!r} uses run(cfg, ctx), which `orchestrator run` cannot launch yet")
     run_dir = RunDir(spec.storage_path, spec.name)
     check_same_experiment(spec, run_dir)
+    if spec.data.dataset == "text":
+        from orchestrator.data import prepare_text
+
+        prepare_text(spec.data)
     tracker = Tracker(resolve_tracking_uri(spec.tracking.tracking_uri))
     run_id, resumed = open_mlflow_run(tracker, spec, run_dir, spec_file)
     log.info("%s run %s (MLflow run %s)", "resuming" if resumed else "starting", run_dir, run_id)
@@ -237,30 +241,49 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     seed_everything(spec.seed, rank)
     setup = Setup.build(spec, device)
+    engine = _engine(setup, device, rank, world)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and loop_config.get("initial_checkpoint"):  # a sweep trial restarted by Tune
         checkpoint = ray.train.Checkpoint(loop_config["initial_checkpoint"])
-    position = _restore(checkpoint, setup, rank)
-    step_module = ray.train.torch.prepare_model(TrainStep(setup.model, setup.method.train_step, setup.cfg),
-                                                move_to_device=False)
+    position = Position()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            position = engine.restore(Path(directory), rank)
+        log.info("rank %d resumed at step %d", rank, position.step)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:09d}")
 
     logger = _metric_logger(loop_config, rank, setup.data.artifacts)
-    StepLoop(setup, step_module, device, rank, world, report, logger, loop_config["board"]).run(position)
+    if logger is not None and position.step:
+        logger.set_tag("resumed_from_step", str(position.step))
+    StepLoop(setup, engine, device, rank, world, report, logger, loop_config["board"]).run(position)
+
+
+def _engine(setup: Setup, device: torch.device, rank: int, world: int) -> Any:
+    """DeepSpeed when the experiment asks for it, else the method's module under DDP (gloo on CPU, NCCL on GPU)."""
+    import ray.train.torch
+
+    if setup.spec.resources.deepspeed is not None:
+        from orchestrator.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(setup, device, world)
+    step_module = ray.train.torch.prepare_model(TrainStep(setup.model, setup.method.train_step, setup.cfg),
+                                                move_to_device=False)
+    return TorchEngine(setup, step_module, device)
 
 
 def train_in_process(spec: ExperimentSpec, device: torch.device | None = None) -> dict[str, float]:
     """The same step loop in this process, one rank, no Ray and no MLflow: for benchmarks and debugging.
-    Checkpoints are written and discarded; returns the final metrics."""
+    Checkpoints are written and discarded; returns the final metrics. `resources.deepspeed` is ignored here
+    (DeepSpeed runs in Ray workers)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(spec.seed, 0)
     setup = Setup.build(spec, device)
     reported: dict[str, float] = {}
-    loop = StepLoop(setup, TrainStep(setup.model, setup.method.train_step, setup.cfg), device, 0, 1,
-                    lambda metrics, checkpoint_dir, step: reported.update(metrics))
+    engine = TorchEngine(setup, TrainStep(setup.model, setup.method.train_step, setup.cfg), device)
+    loop = StepLoop(setup, engine, device, 0, 1, lambda metrics, checkpoint_dir, step: reported.update(metrics))
     loop.run(Position())
     return reported
 
@@ -269,19 +292,6 @@ def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)
-
-
-def _restore(checkpoint: Any, setup: Setup, rank: int) -> Position:
-    if checkpoint is None:
-        return Position()
-    with checkpoint.as_directory() as directory:
-        model_state, train_state, rng = ckpt_io.load(Path(directory), rank)
-    setup.model.load_state_dict(model_state)
-    load_training_state(setup.optimizer, setup.scheduler, train_state["optimizer"], train_state["scheduler"])
-    if rng is not None:
-        ckpt_io.restore_rng(rng)
-    log.info("rank %d resumed at step %d", rank, train_state["step"])
-    return Position(train_state["step"], train_state["micro"])
 
 
 def _metric_logger(loop_config: dict[str, Any], rank: int, artifacts: dict[str, Any]) -> Any:
@@ -298,6 +308,54 @@ def _metric_logger(loop_config: dict[str, Any], rank: int, artifacts: dict[str, 
 Report = Callable[[dict[str, float], Path | None, int], None]  # (metrics, checkpoint dir or None, step)
 
 
+class TorchEngine:
+    """One optimizer step of the method's module, plain or under DDP: gradient accumulation (no_sync between
+    micro-batches), bf16 autocast on GPU, clipping, optimizer and schedule; and its checkpoints (rank 0 writes the
+    model and training state, every rank its RNG)."""
+
+    even_eval_shards = False  # eval needs no collective inside the forward pass
+
+    def __init__(self, setup: Setup, step_module: nn.Module, device: torch.device):
+        self.setup, self.step_module = setup, step_module
+        use_amp = setup.spec.optim.amp and device.type == "cuda"
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+
+    def optimizer_step(self, batches: Iterator[dict[str, torch.Tensor]], position: Position) -> dict[str, Any]:
+        setup, accum = self.setup, self.setup.spec.optim.grad_accum
+        setup.optimizer.zero_grad(set_to_none=True)
+        metrics: dict[str, Any] = {}
+        for i in range(accum):
+            batch = next(batches)
+            sync = i == accum - 1 or not hasattr(self.step_module, "no_sync")
+            with (nullcontext() if sync else self.step_module.no_sync()), self.autocast():
+                loss, metrics = self.step_module(batch, position.step)
+            (loss / accum).backward()
+            position.micro += 1
+        if setup.spec.optim.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(setup.model.parameters(), setup.spec.optim.clip_grad_norm)
+        setup.optimizer.step()
+        setup.scheduler.step()
+        position.step += 1
+        return {"loss": loss.detach(), **metrics, "lr": setup.optimizer.param_groups[0]["lr"]}
+
+    def save(self, directory: Path, rank: int, position: Position) -> None:
+        ckpt_io.save_rng(directory, rank)
+        if rank == 0:
+            setup = self.setup
+            train_state = {"optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
+                           "step": position.step, "micro": position.micro}
+            ckpt_io.save_main(directory, setup.model.state_dict(), train_state)
+
+    def restore(self, directory: Path, rank: int) -> Position:
+        model_state, train_state, rng = ckpt_io.load(directory, rank)
+        setup = self.setup
+        setup.model.load_state_dict(model_state)
+        load_training_state(setup.optimizer, setup.scheduler, train_state["optimizer"], train_state["scheduler"])
+        if rng is not None:
+            ckpt_io.restore_rng(rng)
+        return Position(train_state["step"], train_state["micro"])
+
+
 class StepLoop:
     """The step loop: accumulation, AMP, logging windows, evaluation and checkpoint reports.
 
@@ -305,14 +363,12 @@ class StepLoop:
     (MLflow) and posts progress to `board` when they are given.
     """
 
-    def __init__(self, setup: Setup, step_module: nn.Module, device: torch.device, rank: int, world: int,
+    def __init__(self, setup: Setup, engine: Any, device: torch.device, rank: int, world: int,
                  report: Report, logger: Any = None, board: Any = None):
-        self.setup, self.spec, self.step_module, self.device = setup, setup.spec, step_module, device
+        self.setup, self.spec, self.engine, self.device = setup, setup.spec, engine, device
         self.rank, self.world, self.report, self.logger, self.board = rank, world, report, logger, board
         self.last_train: dict[str, float] = {}  # the latest logged train/* means, sent with every report
         self.micro_batch = self.spec.optim.batch_size // (world * self.spec.optim.grad_accum)
-        use_amp = self.spec.optim.amp and device.type == "cuda"
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
 
     def run(self, position: Position) -> None:
         total = self.spec.optim.steps
@@ -338,24 +394,10 @@ class StepLoop:
             log.info("finished at step %d: %s", position.step, json.dumps(final))
 
     def _optimizer_step(self, batches: Iterator[dict[str, torch.Tensor]], position: Position) -> dict[str, Any]:
-        setup, accum = self.setup, self.spec.optim.grad_accum
-        setup.optimizer.zero_grad(set_to_none=True)
-        metrics: dict[str, Any] = {}
-        for i in range(accum):
-            batch = next(batches)
-            sync = i == accum - 1 or not hasattr(self.step_module, "no_sync")
-            with (nullcontext() if sync else self.step_module.no_sync()), self.autocast():
-                loss, metrics = self.step_module(batch, position.step)
-            (loss / accum).backward()
-            position.micro += 1
-        if self.spec.optim.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(setup.model.parameters(), self.spec.optim.clip_grad_norm)
-        setup.optimizer.step()
-        setup.scheduler.step()
-        position.step += 1
-        if setup.method.on_step_end is not None:
-            setup.method.on_step_end(setup.model, setup.cfg, position.step)
-        return {"loss": loss.detach(), **metrics, "lr": setup.optimizer.param_groups[0]["lr"]}
+        metrics = self.engine.optimizer_step(batches, position)
+        if self.setup.method.on_step_end is not None:
+            self.setup.method.on_step_end(self.setup.model, self.setup.cfg, position.step)
+        return metrics
 
     def _log(self, averaged: dict[str, float], step: int) -> None:
         metrics = {f"train/{k}": v for k, v in averaged.items() if k not in ("samples_per_s", "steps_per_s")}
@@ -377,8 +419,9 @@ class StepLoop:
             return {}
         setup.model.eval()
         totals: dict[str, torch.Tensor] = {}
-        for batch in eval_batches(setup.data.test, self.spec.eval.batch_size, self.rank, self.world, self.device):
-            with self.autocast():
+        for batch in eval_batches(setup.data.test, self.spec.eval.batch_size, self.rank, self.world, self.device,
+                                  even=self.engine.even_eval_shards):
+            with self.engine.autocast():
                 sums = setup.method.eval_step(setup.model, batch, setup.cfg)
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0) + value.detach().double()
@@ -397,7 +440,8 @@ class StepLoop:
         return {f"eval/{k}": v for k, v in means.items()}
 
     def _report(self, metrics: dict[str, float], position: Position, with_checkpoint: bool) -> None:
-        """With a checkpoint, each rank writes its RNG and rank 0 the model and training state, then all report."""
+        """With a checkpoint, each rank writes its part (engine.save) into its own directory, then all report: Ray
+        merges the ranks' directories into one checkpoint."""
         if self.rank == 0 and metrics and self.logger is not None:
             self.logger.log(metrics, position.step)
         metrics = {**self.last_train, **metrics, "step": position.step}
@@ -406,12 +450,7 @@ class StepLoop:
             return
         directory = Path(tempfile.mkdtemp(prefix="ckpt-"))
         try:
-            ckpt_io.save_rng(directory, self.rank)
-            if self.rank == 0:
-                setup = self.setup
-                train_state = {"optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
-                               "step": position.step, "micro": position.micro}
-                ckpt_io.save_main(directory, setup.model.state_dict(), train_state)
+            self.engine.save(directory, self.rank, position)
             self.report(metrics, directory, position.step)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -469,9 +508,12 @@ def step_batches(dataset: Any, micro_batch: int, rank: int, world: int, seed: in
         epoch, offset = epoch + 1, 0
 
 
-def eval_batches(dataset: Any, batch_size: int, rank: int, world: int,
-                 device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's share of the test set (every world-th item), each item exactly once over all ranks."""
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+def eval_batches(dataset: Any, batch_size: int, rank: int, world: int, device: torch.device,
+                 even: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's share of the test set (every world-th item), each item exactly once over all ranks. `even`
+    drops the last len % world items so every rank runs as many forward passes (ZeRO-3 gathers parameters
+    collectively inside each one)."""
+    end = len(dataset) - len(dataset) % world if even else len(dataset)
+    shard = torch.utils.data.Subset(dataset, range(rank, end, world))
     for batch in torch.utils.data.DataLoader(shard, batch_size=batch_size):
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}

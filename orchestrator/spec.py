@@ -103,13 +103,30 @@ class OptimSpec(_Strict):
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU
 
 
+class DeepSpeedSpec(_Strict):
+    """Train the method's module with DeepSpeed ZeRO: the DeepSpeed config is generated from `optim` (batch split,
+    accumulation, clipping, bf16 on GPU when optim.amp) and these keys; `config` holds raw DeepSpeed keys, merged
+    over the generated ones."""
+
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    offload_optimizer: bool = False  # optimizer state and step on the CPU (ZeRO-Offload)
+    offload_params: bool = False  # parameters on the CPU between uses (ZeRO-Infinity; stage 3 only)
+    config: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeepSpeedSpec":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("zero_stage 3 for offload_params")
+        return self
+
+
 class ResourcesSpec(_Strict):
     workers: int = Field(default=1, gt=0)
     cpus_per_worker: float = Field(default=1, gt=0)
     gpus_per_worker: float = Field(default=0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(default=3, ge=-1)  # -1: retry forever
-    deepspeed: None = None  # DeepSpeed configs arrive with the language-model trainer
+    deepspeed: DeepSpeedSpec | None = None  # None: DDP
 
 
 class TrialResources(_Strict):

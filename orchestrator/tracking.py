@@ -167,6 +167,9 @@ class MetricLogger:
     def log_dict(self, obj: Any, name: str) -> None:
         self.client.log_dict(self.run_id, obj, name)
 
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
 
 def run_tags(method: str, paper: str, dataset: str, experiment_file: str, extra: dict[str, str]) -> dict[str, str]:
     return {

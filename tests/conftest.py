@@ -26,3 +26,9 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def registered(run_dir: Path, checkpoint: str) -> bool:
+    """Ray Train has registered `checkpoint` (a restarted worker group resumes from it), not only written it."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    return snapshot.is_file() and checkpoint in snapshot.read_text()

@@ -17,6 +17,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import registered
 from orchestrator import spec as spec_mod
 from orchestrator.cli import main
 from orchestrator.launch import launch
@@ -73,8 +74,8 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, mlflow_uri,
     thread = threading.Thread(target=lambda: outcome.update(result=launch(spec)))
     thread.start()
     deadline = time.monotonic() + 240
-    while not list(run_dir.glob("checkpoint_000000100")) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    while not registered(run_dir, "checkpoint_000000100") and time.monotonic() < deadline:
+        time.sleep(0.1)
     victims = worker_pids()
     assert victims, "no Ray Train worker process found"
     os.kill(victims[-1], signal.SIGKILL)
@@ -82,7 +83,9 @@ def test_killed_worker_resumes_from_its_last_checkpoint(ray_cluster, mlflow_uri,
     assert "result" in outcome, "the run did not finish after the worker was killed"
     result = outcome["result"]
     assert result.metrics["step"] == 400 and result.metrics["eval/acc"] >= 0.9
-    assert_clean_curve(MlflowClient(mlflow_uri), result.run_id, total=400, every=10)
+    client = MlflowClient(mlflow_uri)
+    assert int(client.get_run(result.run_id).data.tags["resumed_from_step"]) >= 100  # restarted from a checkpoint
+    assert_clean_curve(client, result.run_id, total=400, every=10)
 
 
 def test_killed_driver_resumes_when_run_again(ray_cluster, mlflow_uri, tmp_path) -> None:

@@ -50,7 +50,7 @@ def test_progress_text() -> None:
 def test_gradient_accumulation_equals_one_big_batch() -> None:
     """Two micro-batches of 16 with grad_accum=2 take the same optimizer step as one batch of 32."""
     from orchestrator import spec as spec_mod
-    from orchestrator.launch import Position, Setup, StepLoop
+    from orchestrator.launch import Position, Setup, TorchEngine
     from orchestrator.optim import build_optimizer, build_scheduler, default_param_groups
 
     method = trainers.get("supervised")
@@ -66,10 +66,9 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))  # no batch statistics
         optimizer = build_optimizer(default_param_groups(model), spec.optim)
         setup = Setup(spec, method, method.TINY, data, model, optimizer, build_scheduler(optimizer, spec.optim))
-        loop = StepLoop(setup, TrainStep(model, method.train_step, method.TINY), torch.device("cpu"), 0, 1,
-                        report=lambda *args: None)
+        engine = TorchEngine(setup, TrainStep(model, method.train_step, method.TINY), torch.device("cpu"))
         position = Position()
-        loop._optimizer_step(iter(batches), position)
+        engine.optimizer_step(iter(batches), position)
         assert (position.step, position.micro) == (1, accum)
         return model
 

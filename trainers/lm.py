@@ -58,6 +58,15 @@ class Config:
 TINY = Config(d_model=64, n_layers=2, n_heads=4, num_codes=32)
 
 
+class TokenEmbedding(nn.Embedding):
+    """The token embedding E, also the tied output layer: forward(ids) looks tokens up, forward(h) with float
+    hidden states gives the logits h E^T. Both go through `forward`, where ZeRO-3 gathers E (a weight read outside
+    its module's forward would be an empty shard)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, L, D); (..., D) -> (..., V)
+        return super().forward(x) if not x.is_floating_point() else F.linear(x, self.weight)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
@@ -81,7 +90,7 @@ class LanguageModel(nn.Module):
     def __init__(self, cfg: Config, vocab_size: int):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        self.embed = TokenEmbedding(vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
@@ -96,20 +105,20 @@ class LanguageModel(nn.Module):
             h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
         return self.norm(h)
 
-    def output_weight(self) -> torch.Tensor:  # (V, D) of the softmax output
-        return self.head.weight if self.head is not None else self.embed.weight
+    def logits(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V) of the softmax output
+        return self.head(h) if self.head is not None else self.embed(h)
 
     def nll(self, h: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of the next tokens `labels` (B, L) given hidden states h (B, L, D)."""
         if self.vq is not None:
             return self.vq.loss(h, labels, reduction=reduction)
-        logits = h @ self.output_weight().T  # (B, L, V)
+        logits = self.logits(h)  # (B, L, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction=reduction)
 
     def log_probs(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V), for generation
         if self.vq is not None:
             return self.vq.log_probs(h)
-        return torch.log_softmax((h @ self.output_weight().T).float(), dim=-1)
+        return torch.log_softmax(self.logits(h).float(), dim=-1)
 
 
 def build(cfg: Config, info: DataInfo) -> nn.Module:

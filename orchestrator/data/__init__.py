@@ -80,21 +80,28 @@ def build_data(spec: DataSpec, seed: int, views: str) -> DataBundle:
     return DataBundle(train, test, info, {"split.json": artifact})
 
 
-def build_text_data(spec: DataSpec) -> DataBundle:
-    """Token windows of a corpus: the train and validation documents tokenised into Parquet shards (once, then
-    reused from the cache directory), read back as (input_ids, labels) windows of `seq_len` tokens."""
+def prepare_text(spec: DataSpec) -> tuple[text.CorpusInfo, int]:
+    """Tokenise the corpus into the cache directory, or reuse it there: (corpus, number of documents). The
+    launcher calls this on the driver first, so that workers find the shards instead of all building them."""
     root = Path(spec.root).expanduser() if spec.root else None
     files = text.local_corpus(root, spec.text_pattern) if root else text.stdlib_corpus()
     files = files[: spec.max_documents] if spec.max_documents else files
     source_key = hashlib.sha1(str(root.resolve() if root else "stdlib").encode()).hexdigest()[:10]
     name = f"{root.name if root else 'stdlib'}-{source_key}-v{spec.vocab_size}-n{len(files)}"
     out_dir = Path(spec.cache_dir or TEXT_CACHE).expanduser() / name
-    corpus = text.prepare_corpus(files, out_dir, spec.vocab_size, spec.val_fraction, root=root)
+    return text.prepare_corpus(files, out_dir, spec.vocab_size, spec.val_fraction, root=root), len(files)
+
+
+def build_text_data(spec: DataSpec) -> DataBundle:
+    """Token windows of a corpus: the train and validation documents tokenised into Parquet shards (once, then
+    reused from the cache directory), read back as (input_ids, labels) windows of `seq_len` tokens."""
+    corpus, documents = prepare_text(spec)
+    out_dir = corpus.out_dir
     train = text.TokenWindows(out_dir, "train", spec.seq_len)
     test = text.TokenWindows(out_dir, "val", spec.seq_len)
     info = DataInfo(num_classes=0, image_size=0, in_channels=0, num_train=len(train), num_labeled=len(train),
                     vocab_size=corpus.vocab_size, seq_len=spec.seq_len)
-    artifact = {"corpus": str(out_dir), "documents": len(files), "vocab_size": corpus.vocab_size,
+    artifact = {"corpus": str(out_dir), "documents": documents, "vocab_size": corpus.vocab_size,
                 "eot_id": corpus.eot_id, "train_tokens": corpus.train_tokens, "val_tokens": corpus.val_tokens}
     return DataBundle(train, test, info, {"corpus.json": artifact})
 
