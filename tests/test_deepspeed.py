@@ -23,11 +23,11 @@ from orchestrator.launch import launch
 from orchestrator.spec import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
-LM = REPO / "experiments" / "lm" / "stdlib_rope_zero2.yaml"
+LM = REPO / "experiments" / "lm" / "stdlib_rope.yaml"
 
 
 def tiny_lm(tmp_path: Path, name: str, *overrides: str):
-    """The shipped ZeRO-2 file on 40 standard-library documents, 512 tokens, a 2-layer width-64 model."""
+    """The shipped CPU file (DeepSpeed ZeRO-2) on 40 standard-library documents, 512 tokens, a 2-layer width-64 model."""
     return spec_mod.load(LM, [f"name={name}", f"storage_path={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'text'}",
                               "data.max_documents=40", "data.vocab_size=512", "data.seq_len=32", "config.d_model=64",
                               "config.n_layers=2", "optim.batch_size=8", "optim.warmup_steps=2", "log_every=2",
