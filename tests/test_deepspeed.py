@@ -51,10 +51,10 @@ def test_deepspeed_config_follows_optim_and_takes_raw_keys(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_stages_train_under_ray_and_save_every_ranks_shards(ray_cluster, mlflow_uri, tmp_path, stage) -> None:
-    spec = tiny_lm(tmp_path, f"zero{stage}", "optim.steps=8", "checkpoint.every=4", "eval.every=4",
-                   f"resources.deepspeed.zero_stage={stage}")
+    spec = tiny_lm(tmp_path, f"zero{stage}", "optim.steps=8", "optim.grad_accum=2", "checkpoint.every=4",
+                   "eval.every=4", f"resources.deepspeed.zero_stage={stage}")
     outcome = launch(spec)
-    assert outcome.metrics["step"] == 8 and outcome.metrics["eval/ppl"] < 512
+    assert outcome.metrics["step"] == 8 and outcome.metrics["eval/ppl"] < 512  # 2 micro-batches per step
     checkpoint = tmp_path / "runs" / f"zero{stage}" / "checkpoint_000000008"
     manifest = verify(checkpoint)
     assert manifest["ranks"] == 2 and {"manifest_rank0.json", "manifest_rank1.json"} <= {
