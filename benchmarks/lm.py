@@ -8,7 +8,8 @@ comparison trained at equal steps. Measures, does not assert.
    (codebook logits scattered to V, then softmax over V), and VQ-Logits' exact loss from the K codebook logits and
    the cluster sizes (kernels/vq_logits.py), which never builds V-sized logits. Times are medians of repeats.
 2. The experiments/lm/stdlib_*.yaml variants through the orchestrator's step loop in this process (one rank, no
-   Ray): tokens/s, peak RSS growth, and validation perplexity after `--steps` steps on the embedded corpus.
+   Ray, each in a fresh process): tokens/s, peak resident memory of that process, and validation perplexity after
+   `--steps` steps on the embedded corpus.
 Writes benchmarks/results/lm.{md,json}.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import statistics
 import time
@@ -69,17 +71,21 @@ def output_layer(vocab: int, codes: int, dim: int, tokens: int, repeats: int) ->
 
 
 def train_variant(name: str, steps: int) -> dict[str, float]:
+    """One variant in a fresh process, so that its peak resident memory is its own."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_train_variant, (name, steps))
+
+
+def _train_variant(name: str, steps: int) -> dict[str, float]:
     spec = spec_mod.load(REPO / "experiments" / "lm" / f"{name}.yaml",
                          [f"optim.steps={steps}", "resources.workers=1", "eval.every=null",
                           "checkpoint.every=1000000"])
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     metrics = train_in_process(spec, torch.device("cpu"))
     seconds = time.perf_counter() - started
     tokens = steps * spec.optim.batch_size * spec.data.seq_len
     return {"val_ppl": metrics["eval/ppl"], "val_loss": metrics["eval/loss"], "seconds": seconds,
-            "tokens_per_s": tokens / seconds,
-            "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024}
+            "tokens_per_s": tokens / seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def markdown(layer: dict[str, float], variants: dict[str, dict[str, float]], args: argparse.Namespace) -> str:
@@ -92,10 +98,10 @@ def markdown(layer: dict[str, float], variants: dict[str, dict[str, float]], arg
              f"| VQ-Logits, exact from K logits | {layer['vq_exact_ms']:.1f} | "
              f"{layer['speedup_exact_vs_softmax']:.2f}x |", "",
              f"Variants after {args.steps} steps (in-process, one rank, CPU):", "",
-             "| variant | val perplexity | tokens/s | seconds | peak RSS growth (MB) |", "|---|---|---|---|---|"]
+             "| variant | val perplexity | tokens/s | seconds | peak RSS (MB) |", "|---|---|---|---|---|"]
     for name, r in variants.items():
         lines.append(f"| {name} | {r['val_ppl']:.2f} | {r['tokens_per_s']:.0f} | {r['seconds']:.0f} | "
-                     f"{r['peak_rss_growth_mb']:.0f} |")
+                     f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -69,10 +69,7 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
         raise NotImplementedError(f"method {spec.method!r} uses run(cfg, ctx), which `orchestrator run` cannot launch yet")
     run_dir = RunDir(spec.storage_path, spec.name)
     check_same_experiment(spec, run_dir)
-    if spec.data.dataset == "text":
-        from orchestrator.data import prepare_text
-
-        prepare_text(spec.data)
+    prepare_data_on_driver(spec)
     tracker = Tracker(resolve_tracking_uri(spec.tracking.tracking_uri))
     run_id, resumed = open_mlflow_run(tracker, spec, run_dir, spec_file)
     log.info("%s run %s (MLflow run %s)", "resuming" if resumed else "starting", run_dir, run_id)
@@ -89,6 +86,14 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
         ray.kill(board)
         metrics = finish_mlflow_run(tracker, run_id, result)
     return RunOutcome(metrics, run_id, tracker.uri, str(run_dir), resumed)
+
+
+def prepare_data_on_driver(spec: ExperimentSpec) -> None:
+    """Work every worker would otherwise repeat: tokenising a text corpus into the shared cache."""
+    if spec.data.dataset == "text":
+        from orchestrator.data import prepare_text
+
+        prepare_text(spec.data)
 
 
 def finish_mlflow_run(tracker: Any, run_id: str, result: Any) -> dict[str, float]:

@@ -44,7 +44,7 @@ from ray.tune.search import BasicVariantGenerator
 from orchestrator import spec as spec_mod
 from orchestrator.compare import STATUS_TAG
 from orchestrator.launch import (absolute_paths, check_same_experiment, finish_mlflow_run, open_mlflow_run,
-                                 torch_trainer)
+                                 prepare_data_on_driver, torch_trainer)
 from orchestrator.search_space import Distribution, check_tunable, parse_space
 from orchestrator.spec import ExperimentSpec, SpecError
 from orchestrator.storage import RunDir
@@ -242,6 +242,7 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
     spec = absolute_paths(spec)
     sweep_dir = RunDir(spec.storage_path, spec.name)
     check_same_experiment(spec, sweep_dir)
+    prepare_data_on_driver(spec)
     tracker = Tracker(resolve_tracking_uri(spec.tracking.tracking_uri))
     parent_id, resumed = _open_parent_run(tracker, spec, sweep_dir, spec_file)
     context = SweepContext(spec_mod.to_yaml(spec), spec_file, tracker.uri, parent_id, f"{sweep_dir.display}/runs")
