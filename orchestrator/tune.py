@@ -371,9 +371,9 @@ def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
                             callbacks=(TrialReporter(reports),))
     result = _fit_reporting_to_tune(trainer, reports)
     finish_mlflow_run(tracker, run_id, result)
-    tracker.client.set_tag(run_id, STATUS_TAG, "completed")
     if result.error is not None:
-        raise result.error
+        raise result.error  # ChildRunCloser tags the run "error" once Tune gives the trial up
+    tracker.client.set_tag(run_id, STATUS_TAG, "completed")
 
 
 def _child_name(trial_id: str, overrides: dict[str, Any]) -> str:
