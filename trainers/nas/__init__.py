@@ -1,0 +1,36 @@
+"""Architecture search spaces: an explicit name -> module dict, imported lazily (each module has `SPACE`)."""
+
+from __future__ import annotations
+
+import importlib
+
+from trainers.nas.space import InvalidArchitecture, SearchSpace, SpacePrompt
+
+SPACES: dict[str, str] = {
+    "nas_bench_macro": "trainers.nas.nas_bench_macro",
+}
+
+
+def get_space(name: str) -> SearchSpace:
+    """The space called `name`; KeyError lists the known spaces."""
+    if name not in SPACES:
+        raise KeyError(f"unknown search space {name!r}; known spaces: {', '.join(sorted(SPACES))}")
+    return importlib.import_module(SPACES[name]).SPACE
+
+
+def arch_value(space: SearchSpace, code: str) -> str:
+    """How an architecture is written in an experiment (`config.arch`) and in a Tune trial: "<space>:<code>"."""
+    return f"{space.name}:{space.validate(code)}"
+
+
+def parse_arch_value(value: str) -> tuple[SearchSpace, str]:
+    """"<space>:<code>" -> (space, code); KeyError for an unknown space, InvalidArchitecture for a bad code."""
+    name, sep, code = value.partition(":")
+    if not sep:
+        raise InvalidArchitecture(f"an architecture is written <space>:<code>, e.g. nas_bench_macro:01201201; "
+                                  f"got {value!r}")
+    space = get_space(name)
+    return space, space.validate(code)
+
+
+__all__ = ["SPACES", "get_space", "arch_value", "parse_arch_value", "InvalidArchitecture", "SearchSpace", "SpacePrompt"]
