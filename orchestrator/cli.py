@@ -1,4 +1,4 @@
-"""`orchestrator run | sweep | compare | check | ls`: the command line.
+"""`orchestrator run | sweep | search | compare | check | ls`: the command line.
 
 Exit status: 0 on success, 1 when a run fails, 2 when the experiment file (or an override) is invalid; a bad
 file is always reported before Ray starts.
@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_file_args(sweep)
     sweep.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     sweep.set_defaults(func=cmd_sweep)
+
+    search = commands.add_parser("search", help="run (or resume) an architecture search: a sweep whose `tune.space` "
+                                 "holds an `architecture` key, searched by GENIUS, evolution, TPE or random")
+    _add_file_args(search)
+    search.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    search.set_defaults(func=cmd_search)
 
     compare = commands.add_parser("compare", help="compare MLflow runs: differing params, final metrics, curves")
     compare.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="MLflow run ids")
@@ -94,8 +100,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def cmd_search(args: argparse.Namespace) -> int:
+    from orchestrator.nas_search import architecture_key
+
     spec = spec_mod.load(args.file, args.overrides)
+    if spec.tune is None or architecture_key(spec) is None:
+        raise SpecError(args.file, "tune.space", "an architecture key for `orchestrator search`, e.g. "
+                        "config.arch: {architecture: nas_bench_macro}", spec.tune.space if spec.tune else None)
+    return cmd_sweep(args, spec)
+
+
+def cmd_sweep(args: argparse.Namespace, spec: ExperimentSpec | None = None) -> int:
+    spec = spec or spec_mod.load(args.file, args.overrides)
     if spec.tune is None:
         raise SpecError(args.file, "tune", "a `tune:` block (metric, mode, space, ...) for `orchestrator sweep`",
                         None)
@@ -146,13 +162,15 @@ def _init_ray(address: str | None) -> None:
 def _check_data_root(spec: ExperimentSpec, file: str) -> None:
     """A missing dataset directory fails here, before Ray starts (not checked by `check`: the file may be meant
     for a cluster whose nodes have the data)."""
-    root = spec.data.root
+    root = spec.data.root if spec.data is not None else None
     if root and "://" not in root and not spec.data.download and not Path(root).expanduser().exists():
         raise SpecError(file, "data.root", "an existing dataset directory (or data.download: true)", root)
 
 
 def _summary(spec: ExperimentSpec) -> str:
     o, r = spec.optim, spec.resources
+    if o is None or spec.data is None:
+        return f"{spec.name}: method {spec.method} ({spec.trainer.paper}), config {spec.config}"
     return (f"{spec.name}: method {spec.method} on {spec.data.dataset} ({spec.views} views), {o.steps} steps of "
             f"batch {o.batch_size} with {o.name} lr {o.lr}, {r.workers} worker(s) x {r.cpus_per_worker} CPU"
             f"{f' + {r.gpus_per_worker} GPU' if r.gpus_per_worker else ''}")
@@ -181,11 +199,24 @@ def _print_sweep(outcome, spec: ExperimentSpec) -> None:  # noqa: ANN001 - tune.
     if outcome.best is not None:
         print(f"best trial {outcome.best['trial']}: {spec.tune.metric} = {outcome.best[spec.tune.metric]:.4f} "
               f"(MLflow run {outcome.best['run_id']})")
+        _print_best_architecture(outcome.best, spec)
     uri = display_uri(outcome.tracking_uri)
     print(f"sweep directory: {outcome.sweep_dir}")
     print(f"MLflow parent run {outcome.parent_run_id} in {uri}")
     if uri.startswith("sqlite:"):
         print(f"open the UI with: mlflow ui --backend-store-uri {uri}")
+
+
+def _print_best_architecture(best: dict, spec: ExperimentSpec) -> None:
+    from orchestrator.nas_search import architecture_key
+    from trainers.nas import parse_arch_value
+
+    found = architecture_key(spec)
+    if found is None or found[0] not in best:
+        return
+    space, code = parse_arch_value(best[found[0]])
+    print(f"best architecture: {best[found[0]]} ({space.flops(code):.1f} MFLOPs, {space.params(code):.3f} M params"
+          f"; as a list {space.answer_list(code)})")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -156,7 +156,7 @@ def write_tables(rows: list[dict[str, Any]], stem: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,7 +167,7 @@ def _pyplot() -> Any:
 
 def plot_curves(client: Any, runs: list[Any], metrics: list[str], path: Path) -> None:
     """One panel per metric, one line per run, against the optimizer step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(metrics), 1, figsize=(8, 2.6 * len(metrics)), squeeze=False)
     for ax, key in zip(axes[:, 0], metrics):
         for run in runs:
@@ -188,7 +188,7 @@ def plot_curves(client: Any, runs: list[Any], metrics: list[str], path: Path) ->
 def plot_sweep(client: Any, rows: list[dict[str, Any]], metric: str, mode: str, path: Path) -> None:
     """Left: `metric` against the step for every trial (early-stopped ones end early). Right: each trial's final
     `metric` against the time it ended, with the best so far."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (curves, timeline) = plt.subplots(1, 2, figsize=(12, 4.2))
     runs = {r["run_id"]: client.get_run(r["run_id"]).info for r in rows}
     for row in rows:

@@ -65,14 +65,14 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
         raise SpecError(spec_file, "tune", "no `tune:` block for `orchestrator run` (run the sweep with "
                         "`orchestrator sweep`, or its base experiment once with --set tune=null name=NEW_NAME)",
                         Shown("a sweep"))
-    if spec.trainer.run is not None:
-        raise NotImplementedError(f"method {spec.method!r} uses run(cfg, ctx), which `orchestrator run` cannot launch yet")
     run_dir = RunDir(spec.storage_path, spec.name)
     check_same_experiment(spec, run_dir)
     prepare_data_on_driver(spec)
     tracker = Tracker(resolve_tracking_uri(spec.tracking.tracking_uri))
     run_id, resumed = open_mlflow_run(tracker, spec, run_dir, spec_file)
     log.info("%s run %s (MLflow run %s)", "resuming" if resumed else "starting", run_dir, run_id)
+    if spec.trainer.run is not None:
+        return _launch_method_run(spec, tracker, run_id, run_dir, resumed)
 
     board = ProgressBoard.remote()
     watcher = ProgressWatcher(board, spec.optim.steps)
@@ -88,9 +88,22 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
     return RunOutcome(metrics, run_id, tracker.uri, str(run_dir), resumed)
 
 
+def _launch_method_run(spec: ExperimentSpec, tracker: Any, run_id: str, run_dir: RunDir, resumed: bool) -> RunOutcome:
+    from orchestrator.method_run import run_as_task
+
+    metrics: dict[str, float] = {}
+    try:
+        metrics = run_as_task(spec, tracker.uri, run_id)
+    finally:
+        tracker.close(run_id, bool(metrics))
+        if metrics:
+            tracker.log_dict(run_id, metrics, "final_metrics.json")
+    return RunOutcome(metrics, run_id, tracker.uri, str(run_dir), resumed)
+
+
 def prepare_data_on_driver(spec: ExperimentSpec) -> None:
     """Work every worker would otherwise repeat: tokenising a text corpus into the shared cache."""
-    if spec.data.dataset == "text":
+    if spec.data is not None and spec.data.dataset == "text":
         from orchestrator.data import prepare_text
 
         prepare_text(spec.data)
@@ -115,7 +128,8 @@ def open_mlflow_run(tracker: Any, spec: ExperimentSpec, run_dir: RunDir, spec_fi
     `extra_tags` may hold `mlflow.parentRunId` to nest it under a sweep."""
     from orchestrator import tracking
 
-    tags = tracking.run_tags(spec.method, spec.trainer.paper, spec.data.dataset, spec_file, spec.tracking.tags)
+    dataset = spec.data.dataset if spec.data is not None else "none"
+    tags = tracking.run_tags(spec.method, spec.trainer.paper, dataset, spec_file, spec.tracking.tags)
     run_id, resumed = tracker.open_run(run_dir, spec.tracking.experiment or spec.method, {**tags, **(extra_tags or {})},
                                        run_name)
     if not resumed:
@@ -157,9 +171,15 @@ def torch_trainer(spec: ExperimentSpec, loop_config: dict[str, Any], name: str |
 
 
 def absolute_paths(spec: ExperimentSpec) -> ExperimentSpec:
-    """Workers chdir into their run directory, so relative paths are resolved here, against the driver's cwd."""
-    data = spec.data.model_copy(update={"root": spec.data.root and absolute(spec.data.root)})
-    return spec.model_copy(update={"data": data, "storage_path": absolute(spec.storage_path)})
+    """Workers chdir into their run directory, so relative paths (the data root, the storage path, the method's
+    path fields) are resolved here, against the driver's cwd."""
+    update: dict[str, Any] = {"storage_path": absolute(spec.storage_path)}
+    if spec.data is not None:
+        update["data"] = spec.data.model_copy(update={"root": spec.data.root and absolute(spec.data.root)})
+    cfg = spec.method_config()
+    paths = {f: absolute(getattr(cfg, f)) for f in spec.trainer.path_fields if getattr(cfg, f)}
+    update["config"] = {**spec.config, **paths}
+    return spec.model_copy(update=update)
 
 
 def check_same_experiment(spec: ExperimentSpec, run_dir: RunDir) -> None:

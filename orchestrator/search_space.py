@@ -6,6 +6,8 @@
       config.threshold: {quniform: [0.7, 0.99, 0.01]}
       optim.warmup_steps: {randint: [0, 100]}          # high excluded
       config.arch: {grid: [small_cnn, wrn28_2]}        # every value, in every sample
+      config.arch: {architecture: nas_bench_macro}     # a member of a NAS search space (trainers/nas), as
+                                                       # "<space>:<code>"; only the NAS searchers draw these
 
 Each entry is parsed into a `Distribution` (pure Python; Ray is imported only by `to_ray`). `probe_values` gives
 values at the edges of each distribution, which are set into the experiment and validated, so a misspelled key
@@ -31,6 +33,7 @@ DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "quniform": ("low", "high", "q"),
     "qloguniform": ("low", "high", "q"),
     "qrandint": ("low", "high", "q"),
+    "architecture": ("space",),
 }
 UNTUNABLE = ("name", "method", "tune", "storage_path", "tracking", "resources")
 
@@ -43,6 +46,8 @@ class Distribution:
     def to_ray(self) -> Any:
         from ray import tune
 
+        if self.kind == "architecture":
+            raise TypeError("architectures are drawn by the NAS searchers (orchestrator/nas_search.py), not by Tune")
         if self.kind == "grid":
             return tune.grid_search(list(self.args[0]))
         if self.kind == "choice":
@@ -53,6 +58,8 @@ class Distribution:
         """Values to validate the experiment with: every option, or both ends of a range."""
         if self.kind in ("choice", "grid"):
             return list(self.args[0])
+        if self.kind == "architecture":
+            return architecture_probes(self.args[0])
         low, high = self.args[0], self.args[1]
         if self.kind in ("randint", "qrandint"):
             return [int(low), int(high) - (1 if self.kind == "randint" else 0)]
@@ -61,7 +68,7 @@ class Distribution:
     @property
     def numeric_bounds(self) -> tuple[float, float] | None:
         """(low, high) of a numeric range, None for choice/grid."""
-        return None if self.kind in ("choice", "grid") else (float(self.args[0]), float(self.args[1]))
+        return None if self.kind in ("choice", "grid", "architecture") else (float(self.args[0]), float(self.args[1]))
 
 
 def parse_space(space: dict[str, Any], file: str | Path | None, where: str = "tune.space") -> dict[str, Distribution]:
@@ -90,11 +97,31 @@ def parse_distribution(value: Any, file: str | Path | None, key: str) -> Distrib
     (kind, args), = value.items()
     if kind not in DISTRIBUTIONS:
         raise SpecError(file, f"{key}.{kind}", f"a distribution{did_you_mean(kind, DISTRIBUTIONS)} ({names})", kind)
+    if kind == "architecture":
+        return Distribution(kind, (_space_name(args, file, f"{key}.{kind}"),))
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
             raise SpecError(file, f"{key}.{kind}", "a non-empty list of values", args)
         return Distribution(kind, (tuple(args),))
     return Distribution(kind, _range_args(kind, args, file, f"{key}.{kind}"))
+
+
+def _space_name(name: Any, file: str | Path | None, key: str) -> str:
+    from trainers.nas import SPACES
+
+    if name not in SPACES:
+        raise SpecError(file, key, f"a search space{did_you_mean(str(name), SPACES)} ({', '.join(sorted(SPACES))})",
+                        name)
+    return name
+
+
+def architecture_probes(space_name: str) -> list[str]:
+    """The smallest and the largest member (every position at its first, then its last option)."""
+    from trainers.nas import arch_value, get_space
+
+    space = get_space(space_name)
+    return [arch_value(space, space.encode([0] * len(space.choices))),
+            arch_value(space, space.encode([n - 1 for n in space.choices]))]
 
 
 def _range_args(kind: str, args: Any, file: str | Path | None, key: str) -> tuple[Any, ...]:

@@ -187,9 +187,9 @@ class ExperimentSpec(_Strict):
     name: str
     method: str
     seed: int = 0
-    data: DataSpec
+    data: DataSpec | None = None  # required by methods that train over batches; run(cfg, ctx) methods may omit it
     config: dict[str, Any] = {}
-    optim: OptimSpec
+    optim: OptimSpec | None = None  # required by methods that train over batches
     resources: ResourcesSpec = ResourcesSpec()
     eval: EvalSpec = EvalSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
@@ -215,7 +215,7 @@ class ExperimentSpec(_Strict):
 
     @property
     def views(self) -> str:
-        return self.data.views or self.trainer.views
+        return (self.data.views if self.data else None) or self.trainer.views
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -239,8 +239,8 @@ def validate(raw: dict[str, Any], path: str | Path | None = None) -> ExperimentS
     if spec.method not in trainers.TRAINERS:
         known = ", ".join(sorted(trainers.TRAINERS))
         raise SpecError(path, "method", f"one of the known methods ({known}){did_you_mean(spec.method, trainers.TRAINERS)}", spec.method)
-    method_config(spec.trainer.Config, spec.config, path)
-    _check_batching(spec, path)
+    cfg = method_config(spec.trainer.Config, spec.config, path)
+    _check_method(spec, cfg, path)
     if spec.tune is not None:
         from orchestrator.tune import check
 
@@ -369,6 +369,21 @@ def method_config(config_cls: type, values: dict[str, Any], path: str | Path | N
         except ValidationError as err:
             raise SpecError(path, f"config.{key}", re.sub(r"^Input should (be )?", "", err.errors()[0]["msg"]), value) from None
     return dataclasses.replace(config_cls(), **coerced)
+
+
+def _check_method(spec: ExperimentSpec, cfg: Any, path: str | Path | None) -> None:
+    """What the method needs beyond types: `data:` and `optim:` for step methods, the method's own `check`."""
+    if spec.trainer.run is None:
+        for block in ("data", "optim"):
+            if getattr(spec, block) is None:
+                raise SpecError(path, block, f"a `{block}:` block (method {spec.method!r} trains over batches)",
+                                Shown("nothing"))
+        _check_batching(spec, path)
+    if spec.trainer.check is not None:
+        try:
+            spec.trainer.check(cfg)
+        except trainers.ConfigError as err:
+            raise SpecError(path, f"config.{err.field}", err.expected, Shown(str(err.found))) from None
 
 
 def _check_batching(spec: ExperimentSpec, path: str | Path | None) -> None:

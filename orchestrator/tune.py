@@ -41,6 +41,7 @@ from ray import tune as ray_tune
 from ray.train import UserCallback
 from ray.tune.search import BasicVariantGenerator
 
+from orchestrator import nas_search
 from orchestrator import spec as spec_mod
 from orchestrator.compare import STATUS_TAG
 from orchestrator.launch import (absolute_paths, check_same_experiment, finish_mlflow_run, open_mlflow_run,
@@ -48,6 +49,7 @@ from orchestrator.launch import (absolute_paths, check_same_experiment, finish_m
 from orchestrator.search_space import Distribution, check_tunable, parse_space
 from orchestrator.spec import ExperimentSpec, SpecError
 from orchestrator.storage import RunDir
+from trainers.nas import parse_arch_value
 
 log = logging.getLogger("orchestrator")
 
@@ -79,12 +81,15 @@ def check(spec: ExperimentSpec, raw: dict[str, Any], path: str | Path | None) ->
             check_tunable(key, path, where)
             for value in distribution.probe_values():
                 _checked_trial_spec(spec, {key: value}, path, f"{where}.{key}")
+    build_scheduler(spec, path)
+    if nas_search.architecture_key(spec) is not None:
+        nas_search.check(spec, path)
+        return
     if _registry_name(tune.searcher.name, SEARCHER_ALIASES) != "variant_generator":
         grid = [k for k, d in space.items() if d.kind == "grid"]
         if grid:
             raise SpecError(path, f"tune.space.{grid[0]}", "choice instead of grid with searcher "
                                                           f"{tune.searcher.name!r} (grid needs searcher random)", "grid")
-    build_scheduler(spec, path)
     build_searcher(spec, path)
 
 
@@ -118,7 +123,8 @@ def pbt_mutations(spec: ExperimentSpec, path: str | Path | None) -> dict[str, Di
 
 
 def param_space(spec: ExperimentSpec) -> dict[str, Any]:
-    return {key: d.to_ray() for key, d in parse_space(spec.tune.space, None).items()}
+    """Tune's search space; architectures are left to the NAS searchers, which suggest them."""
+    return {key: d.to_ray() for key, d in parse_space(spec.tune.space, None).items() if d.kind != "architecture"}
 
 
 def _registry_name(name: str, aliases: dict[str, str]) -> str:
@@ -156,7 +162,7 @@ def build_scheduler(spec: ExperimentSpec, path: str | Path | None = None) -> Any
 
 
 def _scheduler_defaults(spec: ExperimentSpec, name: str) -> dict[str, Any]:
-    every, steps = report_every(spec), spec.optim.steps
+    every, steps = report_every(spec), spec.optim.steps if spec.optim is not None else 1
     defaults: dict[str, dict[str, Any]] = {
         "async_hyperband": {"max_t": steps, "grace_period": every},
         "asynchyperband": {"max_t": steps, "grace_period": every},
@@ -182,11 +188,15 @@ def _pbt_arguments(spec: ExperimentSpec, name: str, path: str | Path | None) -> 
                                      for k, d in mutations.items()}}
 
 
-def build_searcher(spec: ExperimentSpec, path: str | Path | None = None, max_concurrent: int = 0) -> Any:
+def build_searcher(spec: ExperimentSpec, path: str | Path | None = None, max_concurrent: int = 0,
+                   log_dir: str | None = None) -> Any:
     """The search algorithm; random search is Tune's variant generator, seeded by the experiment's seed (Tune
-    limits its concurrency only when it is told here; other searchers it wraps in a ConcurrencyLimiter)."""
+    limits its concurrency only when it is told here; other searchers it wraps in a ConcurrencyLimiter).
+    Architecture spaces get a NAS searcher (orchestrator/nas_search.py), which writes its logs to `log_dir`."""
     from ray.tune.search import SEARCH_ALG_IMPORT, create_searcher
 
+    if nas_search.architecture_key(spec) is not None:
+        return nas_search.build_searcher(spec, path, log_dir)
     searcher = spec.tune.searcher
     name = _registry_name(searcher.name, SEARCHER_ALIASES)
     kwargs = dict(searcher.model_extra or {})
@@ -246,14 +256,15 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
     tracker = Tracker(resolve_tracking_uri(spec.tracking.tracking_uri))
     parent_id, resumed = _open_parent_run(tracker, spec, sweep_dir, spec_file)
     context = SweepContext(spec_mod.to_yaml(spec), spec_file, tracker.uri, parent_id, f"{sweep_dir.display}/runs")
-    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, sweep=context), {"CPU": TRIAL_DRIVER_CPU})
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, sweep=context), _trial_resources(spec))
+    search_logs = nas_search.log_dir(sweep_dir)
     experiment_path = sweep_dir.display
     if ray_tune.Tuner.can_restore(experiment_path):
         log.info("resuming sweep %s (MLflow parent run %s)", experiment_path, parent_id)
         tuner = ray_tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         log.info("starting sweep %s (MLflow parent run %s)", experiment_path, parent_id)
-        tuner = ray_tune.Tuner(trainable, param_space=param_space(spec), tune_config=_tune_config(spec),
+        tuner = ray_tune.Tuner(trainable, param_space=param_space(spec), tune_config=_tune_config(spec, search_logs),
                                run_config=_run_config(spec, tracker.uri, context.runs_root))
     status = "FAILED"
     try:
@@ -264,6 +275,8 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
         if any(r["status"] == "running" for r in rows):  # Ctrl-C: Tune saved its state and returned
             status = "KILLED"
         best = compare.best_row(rows, spec.tune.metric, spec.tune.mode)
+        if nas_search.architecture_key(spec) is not None:
+            nas_search.log_search(tracker, parent_id, spec, rows, best, search_logs)
         _finish_parent_run(tracker, parent_id, spec, rows, best, status)
     return SweepOutcome(parent_id, tracker.uri, sweep_dir.display, rows, best, resumed, status == "KILLED")
 
@@ -277,10 +290,19 @@ def _open_parent_run(tracker: Any, spec: ExperimentSpec, sweep_dir: RunDir, spec
                                        "tune.space": json.dumps(tracking.redact(spec.tune.space))})
 
 
-def _tune_config(spec: ExperimentSpec) -> Any:
+def _trial_resources(spec: ExperimentSpec) -> dict[str, float]:
+    """A trial driver only waits on its TorchTrainer; a run(cfg, ctx) method runs in it, with the run's
+    resources."""
+    if spec.trainer.run is None:
+        return {"CPU": TRIAL_DRIVER_CPU}
+    resources = trial_spec(spec, {}).resources
+    return {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker}
+
+
+def _tune_config(spec: ExperimentSpec, search_logs: str | None) -> Any:
     tune = spec.tune
     concurrency = tune.max_concurrent_trials or _concurrency_that_fits(spec)
-    searcher = build_searcher(spec, max_concurrent=concurrency)
+    searcher = build_searcher(spec, max_concurrent=concurrency, log_dir=search_logs)
     limited_by_searcher = isinstance(searcher, BasicVariantGenerator)  # Tune wraps only Searchers in a limiter
     return ray_tune.TuneConfig(metric=tune.metric, mode=tune.mode, num_samples=tune.num_samples,
                                max_concurrent_trials=None if limited_by_searcher else concurrency,
@@ -308,7 +330,7 @@ def _run_config(spec: ExperimentSpec, tracking_uri: str, runs_root: str) -> Any:
         failure_config=ray_tune.FailureConfig(max_failures=spec.tune.max_failures),
         # PBT clones a trial's latest checkpoint while that trial goes on: keep a few so it is still there
         checkpoint_config=ray_tune.CheckpointConfig(num_to_keep=max(3, spec.checkpoint.keep)),
-        callbacks=[ChildRunCloser(tracking_uri, runs_root, spec.optim.steps)],
+        callbacks=[ChildRunCloser(tracking_uri, runs_root, spec.optim.steps if spec.optim is not None else 1)],
         verbose=1,
     )
 
@@ -362,8 +384,12 @@ def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
     run_id, _ = open_mlflow_run(tracker, spec, trial_dir, sweep.spec_file, run_name=_child_name(trial_id, config),
                                 extra_tags={"mlflow.parentRunId": sweep.parent_run_id, "sweep": base.name,
                                             "trial_id": trial_id})
+    _log_architecture(tracker, run_id, base, config)
     start = _stage_start(ray_tune.get_checkpoint(), trial_dir)
     _log_start(tracker, run_id, trial_id, config, start)
+    if spec.trainer.run is not None:
+        _run_method_trial(spec, tracker, run_id, trial_dir)
+        return
     loop_config = {"spec_yaml": spec_mod.to_yaml(spec), "tracking_uri": tracker.uri, "run_id": run_id,
                    "board": None, "initial_checkpoint": start.path}
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
@@ -374,6 +400,31 @@ def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
     if result.error is not None:
         raise result.error  # ChildRunCloser tags the run "error" once Tune gives the trial up
     tracker.client.set_tag(run_id, STATUS_TAG, "completed")
+
+
+def _run_method_trial(spec: ExperimentSpec, tracker: Any, run_id: str, trial_dir: RunDir) -> None:
+    """A run(cfg, ctx) method (a benchmark lookup) runs here; each ctx.report goes to MLflow and Tune."""
+    from orchestrator.method_run import MethodContext, run_method
+    from orchestrator.tracking import MetricLogger
+
+    def report(metrics: dict[str, float], step: int) -> None:
+        ray_tune.report({**metrics, "step": step})
+
+    metrics = run_method(spec, MethodContext(trial_dir, MetricLogger(tracker.uri, run_id), report))
+    tracker.log_dict(run_id, metrics, "final_metrics.json")
+    tracker.close(run_id, True)
+    tracker.client.set_tag(run_id, STATUS_TAG, "completed")
+
+
+def _log_architecture(tracker: Any, run_id: str, base: ExperimentSpec, config: dict[str, Any]) -> None:
+    """An architecture trial's code, MFLOPs and parameters on its child run (tag `arch`, metrics arch/*)."""
+    found = nas_search.architecture_key(base)
+    if found is None or found[0] not in config:
+        return
+    space, code = parse_arch_value(config[found[0]])
+    tracker.client.set_tag(run_id, "arch", config[found[0]])
+    tracker.client.log_batch(run_id, metrics=_metrics({"arch/mflops": space.flops(code),
+                                                       "arch/params_m": space.params(code)}))
 
 
 def _child_name(trial_id: str, overrides: dict[str, Any]) -> str:

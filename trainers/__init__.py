@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from trainers._common.contract import Batch, DataInfo, RunContext, TrainerSpec
+from trainers._common.contract import Batch, ConfigError, DataInfo, RunContext, TrainerSpec
 
 TRAINERS: dict[str, str] = {
     "supervised": "trainers.supervised",
@@ -15,6 +15,7 @@ TRAINERS: dict[str, str] = {
     "simmatch": "trainers.simmatch",
     "simmatchv2": "trainers.simmatchv2",
     "lm": "trainers.lm",
+    "nas_bench": "trainers.nas_bench",
 }
 
 
@@ -25,4 +26,4 @@ def get(name: str) -> TrainerSpec:
     return importlib.import_module(TRAINERS[name]).SPEC
 
 
-__all__ = ["TRAINERS", "get", "Batch", "DataInfo", "RunContext", "TrainerSpec"]
+__all__ = ["TRAINERS", "get", "Batch", "ConfigError", "DataInfo", "RunContext", "TrainerSpec"]

@@ -96,7 +96,13 @@ def timm_backbone(name: str, in_channels: int, num_classes: int, drop_rate: floa
 
 
 def build_backbone(arch: str, in_channels: int, num_classes: int, drop_rate: float = 0.0) -> Classifier:
-    """`wrn28_2`, `wrn28_8`, `wrn<depth>_<widen>`, `small_cnn`, or any timm model name (e.g. `resnet50`)."""
+    """`wrn28_2`, `wrn28_8`, `wrn<depth>_<widen>`, `small_cnn`, a member of a NAS search space written
+    `<space>:<code>` (e.g. `nas_bench_macro:22212220`, see trainers/nas), or any timm model name (`resnet50`)."""
+    if ":" in arch:
+        from trainers.nas import parse_arch_value
+
+        space, code = parse_arch_value(arch)
+        return space.build(code, num_classes, in_channels)
     if arch == "small_cnn":
         return small_cnn(in_channels, num_classes)
     if arch.startswith("wrn"):

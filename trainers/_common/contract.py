@@ -42,6 +42,15 @@ class RunContext(Protocol):
     def load(self) -> dict[str, Any] | None: ...
 
 
+class ConfigError(ValueError):
+    """A Config value that its type cannot reject (a missing or wrong file): `check` raises it, the orchestrator
+    reports it as an error in `config.<field>` of the experiment file."""
+
+    def __init__(self, field: str, expected: str, found: Any):
+        super().__init__(f"config.{field}: expected {expected}, found {found!r}")
+        self.field, self.expected, self.found = field, expected, found
+
+
 @dataclass(frozen=True)
 class TrainerSpec:
     """One method. Either the step contract (build + train_step) or a whole-run `run(cfg, ctx)`.
@@ -54,6 +63,11 @@ class TrainerSpec:
     - param_groups(model, cfg) -> list of dicts for the optimizer (e.g. no weight decay on norms).
     - eval_summary(means) -> more eval metrics computed from the averaged ones (e.g. perplexity = exp(loss)).
     - views: the data views the method trains on ("plain", "weak_strong", "two_crop", "multi_crop").
+    - run(cfg, ctx) -> final metrics: the whole run, for methods that are not a step over batches; they need no
+      `data:` or `optim:` block.
+    - check(cfg): raises ConfigError for values the Config's types cannot reject (checked before Ray starts).
+    - path_fields: Config fields holding file paths; relative ones are resolved against the driver's working
+      directory (workers run elsewhere).
     """
 
     name: str
@@ -68,6 +82,8 @@ class TrainerSpec:
     param_groups: Callable[[nn.Module, Any], list[dict[str, Any]]] | None = None
     eval_summary: Callable[[dict[str, float]], dict[str, float]] | None = None
     run: Callable[[Any, RunContext], dict[str, float]] | None = None
+    check: Callable[[Any], None] | None = None
+    path_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         step_contract = self.build is not None and self.train_step is not None

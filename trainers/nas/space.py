@@ -78,6 +78,18 @@ class SearchSpace:
         self.decode(code)
         return code
 
+    def answer_list(self, code: str) -> list[int]:
+        """`code` as the list GENIUS shows a language model and asks it for (default: the code's digits)."""
+        return [int(char) for char in self.validate(code)]
+
+    def from_answer(self, values: Sequence[int]) -> str:
+        """A language model's list (as `answer_list` writes it) -> code, validated."""
+        return self.from_digits(values)
+
+    def table_key(self, code: str) -> str:
+        """The key of `code` in the benchmark's own table file (default: the code itself)."""
+        return self.validate(code)
+
     def validate(self, code: str) -> str:
         self.decode(code)
         return code

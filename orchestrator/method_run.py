@@ -1,0 +1,86 @@
+"""Methods that provide `run(cfg, ctx)` instead of a training step (DESIGN.md, "The trainer contract").
+
+`MethodContext` is the Ray-side `ctx`: `report` logs to the run's MLflow run (and, in a sweep, reports to Tune),
+`save`/`load` keep the method's state in the run directory. A state is written to a temporary name and renamed,
+so a process that dies while saving leaves the previous state, never half of a new one.
+
+`orchestrator run` runs the method as one Ray task with the experiment's resources (`resources.workers` is 1
+for these methods); Ray retries the task `resources.max_failures` times after a crash, and the method resumes
+from what it saved. In a sweep the trial process runs it directly (see orchestrator/tune.py).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from orchestrator import spec as spec_mod
+from orchestrator.spec import ExperimentSpec, SpecError
+from orchestrator.storage import RunDir
+
+log = logging.getLogger("orchestrator")
+STATE_FILE = "method_state.pt"
+
+
+class MethodContext:
+    """trainers.RunContext for one process."""
+
+    is_main = True
+    world_size = 1
+
+    def __init__(self, run_dir: RunDir, logger: Any, on_report: Callable[[dict[str, float], int], None] | None = None):
+        self.run_dir, self.logger, self.on_report = run_dir, logger, on_report
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def report(self, metrics: dict[str, float], step: int) -> None:
+        self.logger.log(metrics, step)
+        if self.on_report is not None:
+            self.on_report(metrics, step)
+
+    def save(self, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        fs, path = self.run_dir.fs, self.run_dir.path
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/{STATE_FILE}.partial") as stream:
+            stream.write(buffer.getvalue())
+        fs.move(f"{path}/{STATE_FILE}.partial", f"{path}/{STATE_FILE}")
+
+    def load(self) -> dict[str, Any] | None:
+        fs, path = self.run_dir.fs, f"{self.run_dir.path}/{STATE_FILE}"
+        import pyarrow.fs as pafs
+
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with fs.open_input_stream(path) as stream:
+            return torch.load(io.BytesIO(stream.read()), weights_only=False)
+
+
+def run_method(spec: ExperimentSpec, ctx: MethodContext) -> dict[str, float]:
+    """The method's run(cfg, ctx) with the experiment's config; returns its final metrics."""
+    torch.manual_seed(spec.seed)
+    return dict(spec.trainer.run(spec.method_config(), ctx))
+
+
+def _run_task(spec_yaml: str, tracking_uri: str, run_id: str, run_dir: tuple[str, str]) -> dict[str, float]:
+    from orchestrator.tracking import MetricLogger
+
+    spec = spec_mod.validate(yaml.safe_load(spec_yaml))
+    return run_method(spec, MethodContext(RunDir(*run_dir), MetricLogger(tracking_uri, run_id)))
+
+
+def run_as_task(spec: ExperimentSpec, tracking_uri: str, run_id: str) -> dict[str, float]:
+    """Run the method as one Ray task with the experiment's resources; its state lives in the run directory."""
+    import ray
+
+    resources = spec.resources
+    if resources.workers != 1:
+        raise SpecError(None, "resources.workers", f"1 (method {spec.method!r} runs as one process)",
+                        resources.workers)
+    task = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker,
+                      max_retries=resources.max_failures, retry_exceptions=False)(_run_task)
+    return ray.get(task.remote(spec_mod.to_yaml(spec), tracking_uri, run_id, (spec.storage_path, spec.name)))

@@ -1,0 +1,334 @@
+"""Architecture search through Ray Tune: `orchestrator search FILE` (or `sweep`) on an `architecture` space.
+
+    config: {arch: nas_bench_macro:00000000, table: ../shared/data/nas-bench-macro_cifar10.json}
+    tune:
+      metric: eval/acc
+      mode: max
+      num_samples: 100                                 # architectures evaluated
+      space: {config.arch: {architecture: nas_bench_macro}}
+      searcher: {name: evolution, population_size: 20, sample_size: 5}
+
+Searchers, all `ray.tune.search.Searcher`s drawing "<space>:<code>" values for the one architecture key:
+- random: uniform over the space, without repeating a network (canonical form) and inside the FLOPs window.
+- evolution: regularised evolution (Real et al., AAAI 2019): a population of the last `population_size`
+  evaluated architectures; each child mutates one position of the best of `sample_size` random members; the
+  oldest member dies (aging).
+- tpe (alias optuna): Tune's OptunaSearch (TPE) over one categorical parameter per position. A proposal that
+  repeats an evaluated network is answered from the history at once (Optuna learns from it, no evaluation is
+  spent); one outside the FLOPs window is told to Optuna as a failed trial.
+- genius: the LLM-driven search (orchestrator/genius.py).
+
+Every searcher counts an evaluation per trial; `num_samples` is the budget. The sweep's MLflow parent run gets
+the candidates in order (architectures.csv / .md: code, MFLOPs, params, metric, best so far), the search
+trajectory plot and the best architecture (tags best_arch, best_arch_mflops); GENIUS adds its chat.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import pickle
+import random
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from orchestrator.search_space import Distribution, parse_space
+from orchestrator.spec import ExperimentSpec, SpecError, did_you_mean
+from trainers.nas import SearchSpace, arch_value, get_space, parse_arch_value
+
+SEARCHER_NAMES = {"random": "random", "evolution": "evolution", "regularized_evolution": "evolution",
+                  "tpe": "tpe", "optuna": "tpe", "genius": "genius"}
+
+
+def architecture_key(spec: ExperimentSpec) -> tuple[str, Distribution] | None:
+    """The dotted key and distribution of the experiment's architecture, or None for a hyperparameter sweep."""
+    found = [(k, d) for k, d in parse_space(spec.tune.space, None).items() if d.kind == "architecture"]
+    return found[0] if found else None
+
+
+def check(spec: ExperimentSpec, path: str | Path | None) -> None:
+    """A NAS search space holds one architecture key and nothing else; the searcher is a NAS searcher."""
+    space = parse_space(spec.tune.space, path)
+    keys = [k for k, d in space.items() if d.kind == "architecture"]
+    if len(keys) > 1:
+        raise SpecError(path, f"tune.space.{keys[1]}", "one architecture key per search", keys)
+    others = [k for k in space if k not in keys]
+    if others:
+        raise SpecError(path, f"tune.space.{others[0]}", "only the architecture key in an architecture search (fix "
+                        "other values in the file, or sweep them in a separate sweep)", spec.tune.space[others[0]])
+    name = spec.tune.searcher.name
+    if name.lower() not in SEARCHER_NAMES:
+        raise SpecError(path, "tune.searcher.name", f"an architecture searcher{did_you_mean(name, SEARCHER_NAMES)} "
+                        f"({', '.join(SEARCHER_NAMES)})", name)
+    build_searcher(spec, path, log_dir=None)
+
+
+def searcher_class(name: str) -> type:
+    name = SEARCHER_NAMES[name.lower()]
+    if name == "genius":
+        from orchestrator.genius import GeniusSearcher
+
+        return GeniusSearcher
+    return {"random": RandomSearch, "evolution": RegularizedEvolution, "tpe": TPESearch}[name]
+
+
+def build_searcher(spec: ExperimentSpec, path: str | Path | None, log_dir: str | None) -> Searcher:
+    """The searcher of the file's `tune.searcher` (its keys are the class's keyword arguments)."""
+    key, distribution = architecture_key(spec)
+    space = get_space(distribution.args[0])
+    cls = searcher_class(spec.tune.searcher.name)
+    kwargs = dict(spec.tune.searcher.model_extra or {})
+    accepted = {n for n, p in inspect.signature(cls).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    automatic = {"seed": spec.seed, "log_dir": log_dir}
+    for name in kwargs:
+        if name not in accepted or name in automatic:
+            choices = sorted(accepted - set(automatic))
+            raise SpecError(path, f"tune.searcher.{name}", f"an argument of searcher {spec.tune.searcher.name!r}"
+                            f"{did_you_mean(name, choices)} ({', '.join(choices)})", kwargs[name])
+    kwargs.update({k: v for k, v in automatic.items() if k in accepted})
+    try:
+        return cls(space, key, spec.tune.metric, spec.tune.mode, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise SpecError(path, "tune.searcher", f"arguments that searcher {spec.tune.searcher.name!r} accepts: {err}",
+                        spec.tune.searcher.model_dump()) from None
+
+
+# ---------------------------------------------------------------------------------------------- searchers
+
+
+class ArchitectureSearcher(Searcher):
+    """What the baselines share: the space, the trial key, networks already proposed (canonical codes), the
+    FLOPs window, and the evaluated history. Subclasses define `propose` and may define `observe`."""
+
+    def __init__(self, space: SearchSpace, key: str, metric: str | None = None, mode: str | None = None, *,
+                 seed: int = 0, flops: tuple[float, float] | None = None, max_draws: int = 10_000):
+        super().__init__(metric=metric, mode=mode)
+        self.space, self.key, self.rng, self.max_draws = space, key, random.Random(seed), max_draws
+        self.window = tuple(flops) if flops else space.flops_window
+        if self.window is not None and not self.window[0] < self.window[1]:
+            raise ValueError(f"flops: a window [low, high] in MFLOPs with low < high, got {list(self.window)}")
+        self.proposed: set[str] = set()  # canonical codes
+        self.live: dict[str, str] = {}  # trial id -> code
+        self.history: list[tuple[str, float | None]] = []  # (code, metric) in completion order
+
+    def propose(self) -> str | None:
+        raise NotImplementedError
+
+    def observe(self, code: str, value: float | None) -> None:
+        """A finished evaluation (value None: the trial failed)."""
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        code = self.propose()
+        if code is None:
+            return Searcher.FINISHED if len(self.proposed) == self.space.size() else None
+        self.proposed.add(self.space.canonical(code))
+        self.live[trial_id] = code
+        return {self.key: arch_value(self.space, code)}
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        code = self.live.pop(trial_id, None)
+        if code is None:
+            return
+        value = None if error or not result or result.get(self.metric) is None else float(result[self.metric])
+        self.history.append((code, value))
+        self.observe(code, value)
+
+    def score(self, value: float) -> float:
+        """Higher is better, whatever the mode."""
+        return value if self.mode == "max" else -value
+
+    def is_new(self, code: str) -> bool:
+        return self.space.canonical(code) not in self.proposed and self.in_window(code)
+
+    def in_window(self, code: str) -> bool:
+        return self.window is None or self.window[0] <= self.space.flops(code) <= self.window[1]
+
+    def fresh(self, draw: Any) -> str | None:
+        """The first of up to `max_draws` draws that is a new network inside the window."""
+        for _ in range(self.max_draws):
+            code = draw()
+            if self.is_new(code):
+                return code
+        return None
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        self._metric, self._mode = metric or self._metric, mode or self._mode
+        return True
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class RandomSearch(ArchitectureSearcher):
+    def propose(self) -> str | None:
+        return self.fresh(lambda: self.space.sample(self.rng))
+
+
+class RegularizedEvolution(ArchitectureSearcher):
+    """Regularised (aging) evolution; the first `population_size` architectures are random."""
+
+    def __init__(self, space: SearchSpace, key: str, metric: str | None = None, mode: str | None = None, *,
+                 population_size: int = 20, sample_size: int = 5, seed: int = 0,
+                 flops: tuple[float, float] | None = None):
+        if not 1 <= sample_size <= population_size:
+            raise ValueError(f"1 <= sample_size <= population_size, got {sample_size} and {population_size}")
+        super().__init__(space, key, metric, mode, seed=seed, flops=flops)
+        self.population_size, self.sample_size = population_size, sample_size
+        self.population: deque[tuple[str, float]] = deque(maxlen=population_size)  # oldest first
+
+    def propose(self) -> str | None:
+        if len(self.population) + len(self.live) < self.population_size or not self.population:
+            return self.fresh(lambda: self.space.sample(self.rng))
+        contestants = self.rng.sample(list(self.population), min(self.sample_size, len(self.population)))
+        parent = max(contestants, key=lambda member: self.score(member[1]))[0]
+        return self.fresh(lambda: self.space.mutate(parent, self.rng))
+
+    def observe(self, code: str, value: float | None) -> None:
+        if value is not None:
+            self.population.append((code, value))  # a full deque drops its oldest member
+
+
+class TPESearch(ArchitectureSearcher):
+    """Tune's OptunaSearch (TPE sampler, seeded) over one categorical parameter per position."""
+
+    def __init__(self, space: SearchSpace, key: str, metric: str | None = None, mode: str | None = None, *,
+                 n_startup_trials: int = 10, seed: int = 0, flops: tuple[float, float] | None = None):
+        super().__init__(space, key, metric, mode, seed=seed, flops=flops)
+        self.n_startup_trials, self.seed = n_startup_trials, seed
+        self.inner: Any = None  # OptunaSearch, created on first use
+        self.asked = itertools.count()  # Optuna's own trial ids: ask0, ask1, ...
+        self.inner_ids: dict[str, str] = {}  # Tune trial id -> Optuna trial id
+        self.last_asked = ""
+
+    def _optuna(self) -> Any:
+        if self.inner is None:
+            import optuna
+            from ray import tune
+            from ray.tune.search.optuna import OptunaSearch
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=self.n_startup_trials)
+            positions = {f"p{i:02d}": tune.choice(list(range(n))) for i, n in enumerate(self.space.choices)}
+            self.inner = OptunaSearch(positions, metric="objective", mode="max", sampler=sampler)
+        return self.inner
+
+    def propose(self) -> str | None:
+        known = {self.space.canonical(c): v for c, v in self.history}
+        for _ in range(self.max_draws):
+            inner_id = f"ask{next(self.asked)}"
+            options = self._optuna().suggest(inner_id)
+            code = self.space.encode([options[f"p{i:02d}"] for i in range(len(self.space.choices))])
+            if self.is_new(code):
+                self.last_asked = inner_id
+                return code
+            canonical = self.space.canonical(code)
+            if known.get(canonical) is not None:  # an evaluated network: answer from the history
+                self.inner.on_trial_complete(inner_id, {"objective": self.score(known[canonical])})
+            else:  # outside the window, or still being evaluated
+                self.inner.on_trial_complete(inner_id, error=True)
+        return None
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        suggestion = super().suggest(trial_id)
+        if isinstance(suggestion, dict):
+            self.inner_ids[trial_id] = self.last_asked
+        return suggestion
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        inner_id = self.inner_ids.pop(trial_id, None)
+        super().on_trial_complete(trial_id, result, error)
+        if inner_id is None:
+            return
+        value = self.history[-1][1]
+        if value is None:
+            self.inner.on_trial_complete(inner_id, error=True)
+        else:
+            self.inner.on_trial_complete(inner_id, {"objective": self.score(value)})
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def log_dir(sweep_dir: Any) -> str | None:
+    """Where a searcher writes its own logs (GENIUS's chat): `<sweep>/search/` on local storage."""
+    from orchestrator.storage import is_uri
+
+    return None if is_uri(sweep_dir.display) else f"{sweep_dir.path}/search"
+
+
+def trajectory_rows(client: Any, spec: ExperimentSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluated architectures in the order their trials started, with MFLOPs, params and the best so far."""
+    key, _ = architecture_key(spec)
+    metric, better = spec.tune.metric, max if spec.tune.mode == "max" else min
+    started = {r["run_id"]: client.get_run(r["run_id"]).info.start_time for r in rows}
+    out, best = [], None
+    for number, row in enumerate(sorted((r for r in rows if key in r), key=lambda r: started[r["run_id"]]), 1):
+        space, code = parse_arch_value(row[key])
+        value = row.get(metric)
+        best = value if best is None else (best if value is None else better(best, value))
+        out.append({"evaluation": number, "trial": row["trial"], "arch": code, "mflops": round(space.flops(code), 3),
+                    "params_m": round(space.params(code), 4), metric: value, "best_so_far": best,
+                    "status": row["status"]})
+    return out
+
+
+def log_search(tracker: Any, parent_id: str, spec: ExperimentSpec, rows: list[dict[str, Any]],
+               best: dict[str, Any] | None, logs: str | None) -> None:
+    """The search's table, trajectory plot, best architecture and the searcher's own logs on the parent run."""
+    import json
+
+    from orchestrator import compare
+
+    table = trajectory_rows(tracker.client, spec, rows)
+    key, distribution = architecture_key(spec)
+    with compare.scratch_dir() as tmp:
+        for file in compare.write_tables(table, tmp / "architectures"):
+            tracker.client.log_artifact(parent_id, str(file))
+        if table:
+            plot_trajectory(table, spec.tune.metric, spec.tune.mode, tmp / "search_trajectory.png")
+            tracker.client.log_artifact(parent_id, str(tmp / "search_trajectory.png"))
+    if best is not None and key in best:
+        space, code = parse_arch_value(best[key])
+        tracker.client.set_tag(parent_id, "best_arch", best[key])
+        tracker.client.log_metric(parent_id, "best/arch_mflops", space.flops(code))
+        tracker.client.log_metric(parent_id, "best/arch_params_m", space.params(code))
+    tracker.client.set_tag(parent_id, "search.space", distribution.args[0])
+    tracker.client.set_tag(parent_id, "search.searcher", spec.tune.searcher.name)
+    if logs and Path(logs).is_dir():
+        tracker.client.log_artifacts(parent_id, logs, "search")
+        usage = Path(logs) / "usage.json"
+        if usage.exists():
+            numbers = {k: v for k, v in json.loads(usage.read_text()).items() if isinstance(v, (int, float))}
+            for name, value in numbers.items():
+                tracker.client.log_metric(parent_id, f"search/{name}", float(value))
+
+
+def plot_trajectory(table: list[dict[str, Any]], metric: str, mode: str, path: Path) -> None:
+    """Left: each evaluated architecture's metric by evaluation number, with the best so far. Right: metric
+    against MFLOPs."""
+    from orchestrator.compare import pyplot
+
+    plt = pyplot()
+    fig, (trajectory, cost) = plt.subplots(1, 2, figsize=(12, 4.2))
+    scored = [r for r in table if r[metric] is not None]
+    trajectory.scatter([r["evaluation"] for r in scored], [r[metric] for r in scored], s=14, label="candidate")
+    trajectory.step([r["evaluation"] for r in table], [r["best_so_far"] for r in table], where="post",
+                    color="black", label=f"best so far ({mode})")
+    trajectory.set(xlabel="architectures evaluated", ylabel=metric, title="search trajectory")
+    trajectory.legend(fontsize=8)
+    trajectory.grid(alpha=0.3)
+    cost.scatter([r["mflops"] for r in scored], [r[metric] for r in scored], s=14,
+                 c=[r["evaluation"] for r in scored], cmap="viridis")
+    cost.set(xlabel="MFLOPs", ylabel=metric, title="candidates by cost (colour: evaluation order)")
+    cost.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
