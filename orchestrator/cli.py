@@ -83,7 +83,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = spec_mod.load(args.file, args.overrides)
-    _check_data_root(spec, args.file)
+    spec_mod.preflight(spec, args.file)
     log.info("%s", _summary(spec))
     import ray.train
 
@@ -115,7 +115,7 @@ def cmd_sweep(args: argparse.Namespace, spec: ExperimentSpec | None = None) -> i
     if spec.tune is None:
         raise SpecError(args.file, "tune", "a `tune:` block (metric, mode, space, ...) for `orchestrator sweep`",
                         None)
-    _check_data_root(spec, args.file)
+    spec_mod.preflight(spec, args.file)
     log.info("sweep of %s", _summary(spec))
     from ray.tune import TuneError
 
@@ -157,14 +157,6 @@ def _init_ray(address: str | None) -> None:
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
-
-
-def _check_data_root(spec: ExperimentSpec, file: str) -> None:
-    """A missing dataset directory fails here, before Ray starts (not checked by `check`: the file may be meant
-    for a cluster whose nodes have the data)."""
-    root = spec.data.root if spec.data is not None else None
-    if root and "://" not in root and not spec.data.download and not Path(root).expanduser().exists():
-        raise SpecError(file, "data.root", "an existing dataset directory (or data.download: true)", root)
 
 
 def _summary(spec: ExperimentSpec) -> str:

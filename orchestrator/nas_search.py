@@ -66,6 +66,19 @@ def check(spec: ExperimentSpec, path: str | Path | None) -> None:
     build_searcher(spec, path, log_dir=None)
 
 
+def preflight(spec: ExperimentSpec, path: str | Path | None) -> None:
+    """A GENIUS search has the API key it needs (when it is not a local server)."""
+    if architecture_key(spec) is None or SEARCHER_NAMES.get(spec.tune.searcher.name.lower()) != "genius":
+        return
+    from orchestrator.genius import GeniusError
+
+    try:
+        build_searcher(spec, path, log_dir=None).check_credentials()
+    except GeniusError as err:
+        raise SpecError(path, "tune.searcher.api_key_env", f"an API key in the environment ({err})",
+                        spec.tune.searcher.model_dump().get("api_key_env", "OPENAI_API_KEY")) from None
+
+
 def searcher_class(name: str) -> type:
     name = SEARCHER_NAMES[name.lower()]
     if name == "genius":

@@ -239,13 +239,31 @@ def validate(raw: dict[str, Any], path: str | Path | None = None) -> ExperimentS
     if spec.method not in trainers.TRAINERS:
         known = ", ".join(sorted(trainers.TRAINERS))
         raise SpecError(path, "method", f"one of the known methods ({known}){did_you_mean(spec.method, trainers.TRAINERS)}", spec.method)
-    cfg = method_config(spec.trainer.Config, spec.config, path)
-    _check_method(spec, cfg, path)
+    method_config(spec.trainer.Config, spec.config, path)
+    _check_method(spec, path)
     if spec.tune is not None:
         from orchestrator.tune import check
 
         check(spec, raw, path)
     return spec
+
+
+def preflight(spec: ExperimentSpec, path: str | Path | None) -> None:
+    """The checks that read this machine, made by `run`, `sweep` and `search` before Ray starts (not by `check`
+    or `validate`: a file may be meant for a cluster whose nodes have the data): the dataset directory, the
+    method's own files (`TrainerSpec.check`, e.g. a benchmark table) and a search's credentials."""
+    root = spec.data.root if spec.data is not None else None
+    if root and "://" not in root and not spec.data.download and not Path(root).expanduser().exists():
+        raise SpecError(path, "data.root", "an existing dataset directory (or data.download: true)", root)
+    if spec.trainer.check is not None:
+        try:
+            spec.trainer.check(spec.method_config())
+        except trainers.ConfigError as err:
+            raise SpecError(path, f"config.{err.field}", err.expected, Shown(str(err.found))) from None
+    if spec.tune is not None:
+        from orchestrator.nas_search import preflight as search_preflight
+
+        search_preflight(spec, path)
 
 
 def to_yaml(spec: ExperimentSpec) -> str:
@@ -371,19 +389,14 @@ def method_config(config_cls: type, values: dict[str, Any], path: str | Path | N
     return dataclasses.replace(config_cls(), **coerced)
 
 
-def _check_method(spec: ExperimentSpec, cfg: Any, path: str | Path | None) -> None:
-    """What the method needs beyond types: `data:` and `optim:` for step methods, the method's own `check`."""
+def _check_method(spec: ExperimentSpec, path: str | Path | None) -> None:
+    """`data:` and `optim:` blocks for methods that train over batches."""
     if spec.trainer.run is None:
         for block in ("data", "optim"):
             if getattr(spec, block) is None:
                 raise SpecError(path, block, f"a `{block}:` block (method {spec.method!r} trains over batches)",
                                 Shown("nothing"))
         _check_batching(spec, path)
-    if spec.trainer.check is not None:
-        try:
-            spec.trainer.check(cfg)
-        except trainers.ConfigError as err:
-            raise SpecError(path, f"config.{err.field}", err.expected, Shown(str(err.found))) from None
 
 
 def _check_batching(spec: ExperimentSpec, path: str | Path | None) -> None:

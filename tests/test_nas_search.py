@@ -74,6 +74,11 @@ def test_lookup_matches_the_file(entries: dict) -> None:
     assert lookup(table, "00000000")["eval/rank"] == 6561
 
 
+def load_for_running(path: Path) -> None:
+    """What `orchestrator search` checks before Ray starts: the file, then this machine's files."""
+    spec_mod.preflight(spec_mod.load(path), path)
+
+
 def _experiment(tmp_path: Path, **changes: object) -> Path:
     raw = yaml.safe_load(EXPERIMENT.read_text())
     raw["config"]["table"] = str(TABLE)
@@ -98,19 +103,28 @@ def _experiment(tmp_path: Path, **changes: object) -> Path:
 ])
 def test_bad_search_files_fail_before_ray_starts(tmp_path: Path, changes: dict, key: str, message: str) -> None:
     with pytest.raises(SpecError) as caught:
-        spec_mod.load(_experiment(tmp_path, **changes))
+        load_for_running(_experiment(tmp_path, **changes))
     assert caught.value.key == key and message in str(caught.value)
+
+
+def test_a_missing_table_passes_check_but_not_the_run(tmp_path: Path) -> None:
+    """`orchestrator check` accepts a file meant for a cluster whose nodes have the table; running it here fails
+    before Ray starts."""
+    path = _experiment(tmp_path, config__table="/cluster/nas-bench-macro_cifar10.json")
+    spec_mod.load(path)
+    with pytest.raises(SpecError, match=r"config\.table: expected the nas_bench_macro benchmark's JSON file"):
+        load_for_running(path)
 
 
 def test_table_of_another_benchmark_is_refused(tmp_path: Path) -> None:
     wrong = tmp_path / "channel.json"
     wrong.write_text(json.dumps({"4344424": {"acc": [93.0], "mean": 93.0, "std": 0.0}}))
     with pytest.raises(SpecError, match="entries with the field 'mean_acc'"):
-        spec_mod.load(_experiment(tmp_path, config__table=str(wrong)))
+        load_for_running(_experiment(tmp_path, config__table=str(wrong)))
     broken = tmp_path / "broken.json"
     broken.write_text('{"0000')
     with pytest.raises(SpecError, match="a JSON file"):
-        spec_mod.load(_experiment(tmp_path, config__table=str(broken)))
+        load_for_running(_experiment(tmp_path, config__table=str(broken)))
 
 
 def drive(searcher, table, evaluations: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""Architecture search spaces: an explicit name -> module dict, imported lazily (each module has `SPACE`)."""
+"""Architecture search spaces: an explicit name -> module dict, imported lazily. An entry "module" names the
+module's `SPACE`; "module:ATTRIBUTE" names another attribute (one module holding several spaces)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ from trainers.nas.space import InvalidArchitecture, SearchSpace, SpacePrompt
 
 SPACES: dict[str, str] = {
     "nas_bench_macro": "trainers.nas.nas_bench_macro",
+    "nas_bench_201": "trainers.nas.nas_bench_201",
+    "genius_mobilenet": "trainers.nas.mobilenet_imagenet",
+    "genius_mobilenet_329": "trainers.nas.mobilenet_imagenet:SPACE_329",
+    "genius_mobilenet_401": "trainers.nas.mobilenet_imagenet:SPACE_401",
+    "channel_bench_res": "trainers.nas.channel_bench_macro:RESNET",
+    "channel_bench_mob": "trainers.nas.channel_bench_macro:MOBILENET",
 }
 
 
@@ -15,7 +22,8 @@ def get_space(name: str) -> SearchSpace:
     """The space called `name`; KeyError lists the known spaces."""
     if name not in SPACES:
         raise KeyError(f"unknown search space {name!r}; known spaces: {', '.join(sorted(SPACES))}")
-    return importlib.import_module(SPACES[name]).SPACE
+    module, _, attribute = SPACES[name].partition(":")
+    return getattr(importlib.import_module(module), attribute or "SPACE")
 
 
 def arch_value(space: SearchSpace, code: str) -> str:

@@ -126,11 +126,11 @@ class SearchSpace:
     def flops(self, code: str) -> float:
         """Multiply-accumulates of one forward pass at the benchmark's input size, in millions (the "FLOPs" of
         the NAS literature and of the benchmark tables)."""
-        return _counts(self, self.canonical(code))[0]
+        return network_counts(self, self.canonical(code))[0]
 
     def params(self, code: str) -> float:
         """Parameters in millions (10-class head unless the space says otherwise)."""
-        return _counts(self, self.canonical(code))[1]
+        return network_counts(self, self.canonical(code))[1]
 
     def within_budget(self, code: str) -> bool:
         if self.flops_window is None:
@@ -140,17 +140,23 @@ class SearchSpace:
 
 
 @lru_cache(maxsize=4096)
-def _counts(space: SearchSpace, code: str) -> tuple[float, float]:
+def network_counts(space: SearchSpace, code: str) -> tuple[float, float]:
     model = space.build(code, space.num_classes_for_counts)
     macs = count_macs(model, (1, 3, space.input_size, space.input_size))
     params = sum(p.numel() for p in model.parameters())
     return macs / 1e6, params / 1e6
 
 
-def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+def count_macs(model: nn.Module, input_shape: tuple[int, ...], bn_ops_per_element: int = 0) -> int:
     """Multiply-accumulates of the convolutions and linear layers in one forward pass of a zero input (the
-    convention of the NAS benchmarks: BN, activations, pooling and additions are not counted)."""
+    convention of the NAS benchmarks: activations, pooling and additions are not counted). BN is not counted
+    either unless `bn_ops_per_element` says how many operations each BN output element costs (thop counts 4 for an
+    affine BN: GENIUS's ImageNet FLOPs do)."""
     total = 0
+
+    def bn_hook(_module: nn.BatchNorm2d, _inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        nonlocal total
+        total += output.numel() * bn_ops_per_element
 
     def conv_hook(module: nn.Conv2d, _inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
         nonlocal total
@@ -167,6 +173,8 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
             handles.append(module.register_forward_hook(conv_hook))
         elif isinstance(module, nn.Linear):
             handles.append(module.register_forward_hook(linear_hook))
+        elif isinstance(module, nn.BatchNorm2d) and bn_ops_per_element:
+            handles.append(module.register_forward_hook(bn_hook))
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -1,0 +1,447 @@
+"""GENIUS (Zheng et al., "Can GPT-4 Perform Neural Architecture Search?", arXiv 2304.10970) as a Ray Tune Searcher.
+
+A chat model proposes one architecture at a time; the sweep trains it; its accuracy goes back into the next prompt
+(../shared/papers/methods_nas_gen_llm.md, section 1). Each `suggest` is one GENIUS iteration:
+
+    messages  = [system persona, user prompt]            # single_turn: rebuilt every iteration
+    user      = task + operations + skeleton + answer format (the space's `prompt()`)
+                [+ the FLOPs window, when `flops` sets one the space's prompt does not state]
+                [+ "Here are some experimental results ...": one line per earlier candidate, and the request
+                   for a better list that improves on them]
+                + a suffix that forbids anything but the list
+    reply     -> the last bracketed integer list -> space.from_answer -> code -> {key: "<space>:<code>"}
+
+Facts of the official code this follows (mingkai-zheng/GENIUS: nas_bench_macro.py, channel_bench_res.py,
+nas_bench_201.py, imagenet/chat_history):
+- one candidate per iteration, greedy decoding (`temperature=0, n=1`); the search is strictly sequential, so
+  `suggest` returns None while the last suggested trial is still running;
+- the benchmark scripts rebuild `[system, user]` every iteration and list every earlier candidate as
+  "{list} gives an accuracy of {acc:.2f}%" (variant "single_turn"; the list is the space's `answer_list`:
+  digits, or channel numbers for Channel-Bench-Macro); the NAS-Bench-201 script keeps one growing chat with a user
+  turn "By using this model, we achieved an accuracy of ...%" after each answer (variant "multi_turn");
+- the accuracy shown is the metric in percent, rounded half-up with `decimal` to 2 decimals;
+- personas: "You are an expert in the field of neural architecture search." (benchmark scripts) and the Quoc V. Le
+  role-play (NAS-Bench-201 and ImageNet chats);
+- with a FLOPs window (the ImageNet runs) the prompt asks to stay inside it, the experiments carry their FLOPs, and
+  an answer outside the window gets a "fails to meet the FLOPs constraint ... please revise" turn in the same chat.
+
+Deviations, all deliberate:
+- Answers are validated and the model is asked again, in the same conversation (the assistant reply plus a
+  corrective user turn), on a reply without a list (malformed), a list that is not an architecture of the space
+  (invalid), an architecture whose canonical form was already evaluated (duplicate) and one outside the FLOPs
+  window (over_budget); at most `max_retries` such turns per iteration, then GeniusError (a failed API request,
+  after the client's own retries, is a GeniusError too). The benchmark scripts `json.loads` the raw reply and
+  crash on anything else; only the ImageNet chats had a (manual) FLOPs re-prompt.
+- The list is the last bracketed integer list in the reply, so prose and code fences around it are tolerated (the
+  NAS-Bench-201 script had a human type the answer in). A reply that spells out several lists (e.g. one per stage)
+  is therefore judged by its last list, and a wrong length is reported to the model as invalid.
+- The accuracy is always rounded to 2 decimals, also in the multi_turn variant (the NAS-Bench-201 script used 3).
+- Both variants end every request with the list-only suffix (the NAS-Bench-201 script asked for a rationale).
+- The experiment lines with a FLOPs window are compact, "Experiment k: [..], FLOPs XM, accuracy Y%", not the
+  ImageNet chats' per-stage prose; the ImageNet chats' distilled "design principles" are not reproduced.
+- A trial that fails (error, no result, or no finite metric) is recorded as failed: its line says that training
+  failed and gives no accuracy, it still counts as evaluated for the duplicate check, and the search goes on.
+
+Files under `log_dir`, rewritten after every exchange so that a crash keeps them (the sweep uploads them):
+chat.json (every request's messages with its reply, the requested and the served model, usage), chat.md (a
+transcript), candidates.jsonl (every reply with its verdict, the parsed code, FLOPs, params and, later, accuracy) and
+usage.json (token and request totals). The API key is read from the environment when the client is made and is
+kept only inside the client, which is neither pickled nor saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import re
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import openai
+from ray.tune.search import Searcher
+
+from trainers.nas import arch_value
+from trainers.nas.space import InvalidArchitecture, SearchSpace
+
+log = logging.getLogger("orchestrator")
+
+PERSONAS = {
+    "expert": "You are an expert in the field of neural architecture search.",
+    "quoc_le": ("You are Quoc V. Le, a computer scientist and artificial intelligence researcher who is widely "
+                "regarded as one of the leading experts in deep learning and neural network architecture search. "
+                "Your work in this area has focused on developing efficient algorithms for searching the space of "
+                "possible neural network architectures, with the goal of finding architectures that perform well "
+                "on a given task while minimizing the computational cost of training and inference."),
+}
+VARIANTS = ("single_turn", "multi_turn")
+REJECTIONS = ("malformed", "invalid", "duplicate", "over_budget")
+ACCURACY_QUANTUM = Decimal("0.01")
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+LOCAL_PLACEHOLDER_KEY = "no-key-needed-for-a-local-server"
+INTEGER_LIST = re.compile(r"\[\s*-?\d+(?:\s*,\s*-?\d+)*\s*\]")
+SUFFIX = "Please do not include anything other than the list in your response."
+STATE_VERSION = 1
+
+
+class GeniusError(RuntimeError):
+    """The language model gave no acceptable architecture within the allowed re-prompts."""
+
+
+class Rejection(Exception):
+    """A reply that is not an acceptable candidate: the verdict, a short reason, and the turn that says so."""
+
+    def __init__(self, verdict: str, reason: str, feedback: str, code: str | None = None):
+        super().__init__(reason)
+        self.verdict, self.reason, self.feedback, self.code = verdict, reason, feedback, code
+
+
+def round_accuracy(value: float) -> float:
+    """Half-up rounding to 2 decimals of the float's exact value, as the official `Decimal(...).quantize` does."""
+    return float(Decimal(value).quantize(ACCURACY_QUANTUM, rounding=ROUND_HALF_UP))
+
+
+def last_integer_list(reply: str) -> list[int]:
+    """The last bracketed list of integers in `reply`; prose, Markdown and code fences around it are ignored."""
+    matches = INTEGER_LIST.findall(reply)
+    try:
+        return json.loads(matches[-1])
+    except (IndexError, ValueError) as exc:
+        raise ValueError("the reply contains no list of integers in square brackets") from exc
+
+
+class GeniusSearcher(Searcher):
+    """GENIUS: one architecture per iteration from a chat model, given every earlier result (module docstring).
+
+    Errored trials (error=True, no result, or no finite `metric` in it) are recorded as failed: the model is told
+    that training failed (no accuracy), and proposing the same network again is a duplicate.
+    """
+
+    def __init__(self, space: SearchSpace, key: str, metric: str | None = None, mode: str | None = None, *,
+                 model: str, base_url: str | None = None, temperature: float = 0.0, variant: str = "single_turn",
+                 persona: str = "expert", max_retries: int = 5, api_key_env: str = "OPENAI_API_KEY",
+                 flops: tuple[float, float] | None = None, accuracy_scale: float = 100.0, max_tokens: int | None = None,
+                 request_timeout: float = 120.0, log_dir: str | None = None, dataset_name: str = "CIFAR10"):
+        _check_choice("variant", variant, VARIANTS)
+        _check_choice("persona", persona, tuple(PERSONAS))
+        _check_mode(mode)
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        super().__init__(metric=metric, mode=mode)
+        self.space, self.key, self.model, self.base_url = space, key, model, base_url
+        self.temperature, self.variant, self.persona, self.max_retries = temperature, variant, persona, max_retries
+        self.api_key_env, self.accuracy_scale, self.max_tokens = api_key_env, accuracy_scale, max_tokens
+        self.flops_window = tuple(flops) if flops is not None else space.flops_window
+        self.request_timeout, self.dataset_name = request_timeout, dataset_name
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self._client: Any = None
+        self._history: list[dict[str, Any]] = []  # evaluated candidates: trial_id, code, accuracy (None: failed)
+        self._pending: dict[str, Any] | None = None  # the suggested trial not completed yet
+        self._chat: list[dict[str, str]] = []  # the current conversation
+        self._exchanges: list[dict[str, Any]] = []  # every request with its reply (chat.json)
+        self._candidates: list[dict[str, Any]] = []  # every reply's verdict (candidates.jsonl)
+        self._usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+    # ------------------------------------------------------------------------------------------ Tune's interface
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        """Take Tune's metric and mode (the space comes from `space`, so `config` is not used). Tune calls this
+        only when the Tuner's param_space is not empty: otherwise pass `metric` to the constructor."""
+        _check_mode(mode)
+        if metric:
+            self._metric = metric
+        if mode:
+            self._mode = mode
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, str] | None:
+        """The next architecture as {key: "<space>:<code>"}, or None while the last one is still being trained."""
+        if self._pending is not None:
+            return None
+        if not self.metric:
+            raise ValueError("GeniusSearcher needs the metric to feed back; pass metric= or set_search_properties")
+        self._open_iteration()
+        code, index = self._ask_until_accepted()
+        self._pending = {"trial_id": trial_id, "code": code, "candidate": index}
+        self._candidates[index]["trial_id"] = trial_id
+        self._write_logs()
+        log.info("GENIUS iteration %d: %s", self.iteration, code)
+        return {self.key: arch_value(self.space, code)}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._pending is None or trial_id != self._pending["trial_id"]:
+            log.warning("GENIUS: trial %s completed but it is not the pending suggestion; ignored", trial_id)
+            return
+        value = _finite(None if error or not result else result.get(self.metric))
+        accuracy = None if value is None else round_accuracy(value * self.accuracy_scale)
+        self._history.append({"trial_id": trial_id, "code": self._pending["code"], "accuracy": accuracy})
+        candidate = self._candidates[self._pending["candidate"]]
+        candidate.update(metric_value=value, accuracy=accuracy, status="failed" if value is None else "completed")
+        self._pending = None
+        self._write_logs()
+
+    def save(self, checkpoint_path: str) -> None:
+        state = {"version": STATE_VERSION, "space": self.space.name, "variant": self.variant, "metric": self._metric,
+                 "mode": self._mode, "history": self._history, "pending": self._pending, "chat": self._chat,
+                 "exchanges": self._exchanges, "candidates": self._candidates, "usage": self._usage}
+        _write_text(Path(checkpoint_path), json.dumps(state))
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = json.loads(Path(checkpoint_path).read_text())
+        found = (state.get("version"), state.get("space"), state.get("variant"))
+        if found != (STATE_VERSION, self.space.name, self.variant):
+            raise ValueError(f"{checkpoint_path} holds GENIUS state (version, space, variant) {found}, not "
+                             f"{(STATE_VERSION, self.space.name, self.variant)}")
+        self._metric, self._mode = state["metric"] or self._metric, state["mode"] or self._mode
+        self._history, self._pending, self._chat = state["history"], state["pending"], state["chat"]
+        self._exchanges, self._candidates, self._usage = state["exchanges"], state["candidates"], state["usage"]
+        self._write_logs()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_client"] = None  # holds the API key and open connections; made again on first use
+        return state
+
+    # ------------------------------------------------------------------------------------------ reporting
+
+    @property
+    def iteration(self) -> int:
+        """The 1-based number of the iteration under way (or of the next one, between trials)."""
+        return len(self._history) + 1
+
+    def history(self) -> list[dict[str, Any]]:
+        """The evaluated candidates in order: trial_id, code, accuracy (percent, rounded; None if it failed)."""
+        return [dict(entry) for entry in self._history]
+
+    def summary(self) -> dict[str, float]:
+        """Numbers to log as metrics: token and request totals, verdict counts, evaluated/failed, best accuracy."""
+        verdicts = [candidate["verdict"] for candidate in self._candidates]
+        numbers: dict[str, float] = dict(self._usage)
+        numbers["accepted"] = verdicts.count("accepted")
+        numbers.update({f"rejected_{verdict}": verdicts.count(verdict) for verdict in REJECTIONS})
+        numbers["evaluated"] = len(self._history)
+        numbers["failed"] = sum(entry["accuracy"] is None for entry in self._history)
+        accuracies = [entry["accuracy"] for entry in self._history if entry["accuracy"] is not None]
+        if accuracies:
+            numbers["best_accuracy"] = max(accuracies)
+        return numbers
+
+    # ------------------------------------------------------------------------------------------ the prompts
+
+    def _open_iteration(self) -> None:
+        system = {"role": "system", "content": PERSONAS[self.persona]}
+        if self.variant == "single_turn" or not self._chat:
+            self._chat = [system, {"role": "user", "content": self._first_prompt()}]
+        else:
+            self._chat.append({"role": "user", "content": self._feedback(self._history[-1])})
+
+    def _first_prompt(self) -> str:
+        prompt = self.space.prompt()
+        parts = [prompt.task, prompt.operations, prompt.skeleton, prompt.answer_format]
+        if self.flops_window is not None and self.flops_window != self.space.flops_window:
+            low, high = self.flops_window  # a window of the sweep's own: the space's prompt states the space's
+            parts.append(f"The FLOPs constraint of this search: the total FLOPs of the model (all layers, defined "
+                         f"and undefined) must lie in [{low:g}, {high:g}] MFLOPs.")
+        if self.variant == "single_turn" and self._history:
+            parts.append(self._experiments())
+        return "\n\n".join(parts + [SUFFIX])
+
+    def _experiments(self) -> str:
+        lines = [self._experiment_line(number, entry) for number, entry in enumerate(self._history, start=1)]
+        return ("Here are some experimental results that you can use as a reference:\n" + "\n".join(lines) +
+                f"\n\nPlease suggest a better list that can improve the model's performance on {self.dataset_name} "
+                "beyond the experimental results provided above.")
+
+    def _experiment_line(self, number: int, entry: dict[str, Any]) -> str:
+        listed, accuracy = self._listed(entry["code"]), entry["accuracy"]
+        if self.flops_window is None:
+            if accuracy is None:
+                return f"{listed} failed to train, so it has no accuracy"
+            return f"{listed} gives an accuracy of {accuracy:.2f}%"
+        outcome = "training failed (no accuracy)" if accuracy is None else f"accuracy {accuracy:.2f}%"
+        return f"Experiment {number}: {listed}, FLOPs {self.space.flops(entry['code']):.2f}M, {outcome}"
+
+    def _feedback(self, entry: dict[str, Any]) -> str:
+        """The multi_turn user turn about the last candidate (the NAS-Bench-201 script's)."""
+        size = "" if self.flops_window is None else f"This model has {self.space.flops(entry['code']):.2f} MFLOPs. "
+        if entry["accuracy"] is None:
+            outcome = "Training this model failed, so it has no accuracy."
+        else:
+            outcome = f"By using this model, we achieved an accuracy of {entry['accuracy']:.2f}%."
+        return (f"{size}{outcome} Please recommend a new model that outperforms all prior architectures, based on "
+                f"the experiments above.\n\n{SUFFIX}")
+
+    # ------------------------------------------------------------------------------------------ one iteration
+
+    def _ask_until_accepted(self) -> tuple[str, int]:
+        """Ask, judge, re-prompt on a rejection; (code, candidate index) of the accepted answer."""
+        last: Rejection | None = None
+        for attempt in range(1, self.max_retries + 2):  # attempt 1 is the first request of the iteration
+            if last is not None:
+                self._chat.append({"role": "user", "content": last.feedback})
+            reply = self._request(attempt)
+            self._chat.append({"role": "assistant", "content": reply})
+            try:
+                code = self._judge(reply)
+            except Rejection as rejection:
+                last = rejection
+                self._record(attempt, reply, rejection.verdict, rejection.code, rejection.reason)
+                self._write_logs()
+                continue
+            return code, self._record(attempt, reply, "accepted", code, "")
+        raise GeniusError(f"GENIUS iteration {self.iteration}: no acceptable architecture after {self.max_retries} "
+                          f"re-prompts; the last reply was rejected as {last.verdict} ({last.reason}): {reply!r}")
+
+    def _request(self, attempt: int) -> str:
+        kwargs: dict[str, Any] = {"model": self.model, "messages": self._chat, "temperature": self.temperature, "n": 1}
+        if self.max_tokens is not None:
+            kwargs["max_tokens"] = self.max_tokens
+        try:
+            response = self._get_client().chat.completions.create(**kwargs)
+        except openai.OpenAIError as exc:
+            raise GeniusError(f"GENIUS iteration {self.iteration}, attempt {attempt}: the request for model "
+                              f"{self.model!r} at {self.base_url or 'the OpenAI API'} failed: {exc}") from exc
+        choice = response.choices[0]
+        reply = choice.message.content or ""
+        usage = {name: getattr(response.usage, name, 0) or 0 for name in ("prompt_tokens", "completion_tokens",
+                                                                            "total_tokens")}
+        self._usage["requests"] += 1
+        for name, count in usage.items():
+            self._usage[name] += count
+        self._exchanges.append({"iteration": self.iteration, "attempt": attempt, "model": self.model,
+                                "server_model": response.model, "finish_reason": choice.finish_reason,
+                                "messages": list(self._chat), "reply": reply, "usage": usage})
+        return reply
+
+    def _judge(self, reply: str) -> str:
+        """The code of an acceptable reply; Rejection otherwise."""
+        try:
+            values = last_integer_list(reply)
+        except ValueError as exc:
+            n = len(self.space.choices)
+            raise Rejection("malformed", str(exc), f"Your reply does not contain a list of {n} integers in square "
+                                                   f"brackets, [x1, x2, ..., x{n}].\n\n{SUFFIX}") from None
+        try:
+            code = self.space.from_answer(values)
+        except InvalidArchitecture as exc:
+            raise Rejection("invalid", str(exc), f"The list {values} is not a valid architecture: {exc}. Please "
+                                                 f"follow the required format.\n\n{SUFFIX}") from None
+        self._check_new(code)
+        self._check_budget(code)
+        return code
+
+    def _listed(self, code: str) -> str:
+        """`code` as the model writes it: "22212220" -> "[2, 2, 2, 1, 2, 2, 2, 0]" (channel lists for
+        Channel-Bench-Macro: the space's `answer_list`)."""
+        return str(self.space.answer_list(code))
+
+    def _check_new(self, code: str) -> None:
+        canonical = self.space.canonical(code)
+        for number, entry in enumerate(self._history, start=1):
+            if self.space.canonical(entry["code"]) == canonical:
+                same = "" if entry["code"] == code else f" is the same network as {self._listed(entry['code'])}, which"
+                outcome = "it failed to train" if entry["accuracy"] is None else f"accuracy {entry['accuracy']:.2f}%"
+                reason = f"duplicates experiment {number} ({entry['code']})"
+                raise Rejection("duplicate", reason, f"The list {self._listed(code)}{same} was already evaluated in "
+                                                     f"experiment {number} ({outcome}). Please suggest an "
+                                                     f"architecture that has not been tried yet.\n\n{SUFFIX}", code)
+
+    def _check_budget(self, code: str) -> None:
+        if self.flops_window is None:
+            return
+        low, high = self.flops_window
+        flops = self.space.flops(code)
+        if low <= flops <= high:
+            return
+        side = f"higher than the upper bound of {high:g}" if flops > high else f"lower than the lower bound of {low:g}"
+        gap = flops - high if flops > high else low - flops
+        raise Rejection("over_budget", f"{flops:.2f} MFLOPs outside [{low:g}, {high:g}]",
+                        f"The design fails to meet the FLOPs constraint: it has {flops:.2f} MFLOPs, which is "
+                        f"{gap:.2f} MFLOPs {side}. Please revise your design so that it maximizes the model's "
+                        f"performance on {self.dataset_name} while meeting the FLOPs constraint "
+                        f"[{low:g}, {high:g}].\n\n{SUFFIX}", code)
+
+    def _record(self, attempt: int, reply: str, verdict: str, code: str | None, reason: str) -> int:
+        """Append a candidate (candidates.jsonl); its index."""
+        entry = {"iteration": self.iteration, "attempt": attempt, "reply": reply, "code": code, "verdict": verdict,
+                 "reason": reason, "flops": None, "params": None, "trial_id": None, "accuracy": None,
+                 "status": "pending" if verdict == "accepted" else "rejected"}
+        if code is not None:
+            entry.update(flops=self.space.flops(code), params=self.space.params(code))
+        self._candidates.append(entry)
+        return len(self._candidates) - 1
+
+    # ------------------------------------------------------------------------------------------ client and files
+
+    def check_credentials(self) -> None:
+        """GeniusError unless an API key is set (or the server is local): checked before the sweep starts."""
+        self._api_key()
+
+    def _get_client(self) -> Any:
+        if self._client is None:
+            self._client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key(),
+                                         timeout=self.request_timeout)
+        return self._client
+
+    def _api_key(self) -> str:
+        key = os.environ.get(self.api_key_env)
+        if key:
+            return key
+        if self.base_url and urlparse(self.base_url).hostname in LOOPBACK_HOSTS:
+            return LOCAL_PLACEHOLDER_KEY
+        raise GeniusError(f"GENIUS needs an API key for {self.base_url or 'the OpenAI API'}: set the environment "
+                          f"variable {self.api_key_env} (only a server on localhost/127.0.0.1 works without one)")
+
+    def _write_logs(self) -> None:
+        if self.log_dir is None:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        chat = {"model": self.model, "variant": self.variant, "persona": self.persona, "exchanges": self._exchanges}
+        usage = dict(self._usage, model=self.model,
+                     server_models=sorted({exchange["server_model"] for exchange in self._exchanges}))
+        _write_text(self.log_dir / "chat.json", json.dumps(chat, indent=1))
+        _write_text(self.log_dir / "chat.md", self._transcript())
+        _write_text(self.log_dir / "candidates.jsonl", "".join(json.dumps(c) + "\n" for c in self._candidates))
+        _write_text(self.log_dir / "usage.json", json.dumps(usage, indent=1))
+
+    def _transcript(self) -> str:
+        """chat.md: each exchange's new messages (those its conversation did not already show) and its reply."""
+        lines = [f"# GENIUS chat with {self.model} ({self.variant}, persona {self.persona})", ""]
+        shown: list[dict[str, str]] = []
+        for exchange in self._exchanges:
+            messages = exchange["messages"]
+            new = messages[len(shown):] if messages[:len(shown)] == shown else messages
+            lines += [f"## Iteration {exchange['iteration']}, attempt {exchange['attempt']} "
+                      f"(served by {exchange['server_model']})", ""]
+            for message in new + [{"role": "assistant", "content": exchange["reply"]}]:
+                lines += [f"### {message['role']}", "", message["content"], ""]
+            shown = messages + [{"role": "assistant", "content": exchange["reply"]}]
+        return "\n".join(lines)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"GENIUS {name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _check_mode(mode: str | None) -> None:
+    if mode not in (None, "max"):
+        raise ValueError(f"GENIUS maximizes an accuracy: mode must be 'max', got {mode!r}")
+
+
+def _finite(value: Any) -> float | None:
+    """The metric as a float, or None when it is missing, not a number, NaN or infinite (a failed trial)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temporary file, so a reader (or a crash) never sees half a file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

@@ -1,0 +1,301 @@
+"""GENIUS as a Tune Searcher against a real local OpenAI-compatible server, fed from the NAS-Bench-Macro table.
+
+No Ray cluster: the tests call `suggest` and `on_trial_complete` themselves, as Tune would, one trial at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from contextlib import contextmanager
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from openai_server import FreshArchitecturePolicy, OpenAIServer, ScriptedPolicy
+
+from orchestrator.genius import PERSONAS, SUFFIX, GeniusError, GeniusSearcher
+from trainers.nas import get_space
+
+BENCHMARK = Path("/work/shared/data/nas-bench-macro_cifar10.json")
+KEY, METRIC = "config.arch", "eval/accuracy"
+FAKE_KEY = "sk-genius-test-3f9c1d2e7a-never-log-me"
+SERVED_MODEL = "served-model-2024-01-01"
+
+
+@pytest.fixture(scope="module")
+def table() -> dict:
+    if not BENCHMARK.is_file():
+        pytest.skip(f"{BENCHMARK} is not here")
+    return json.loads(BENCHMARK.read_text())
+
+
+@pytest.fixture
+def space():
+    return get_space("nas_bench_macro")
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    return FAKE_KEY
+
+
+@contextmanager
+def serving(replies: list[str], fallback=None) -> Iterator[OpenAIServer]:
+    with OpenAIServer(ScriptedPolicy(replies, fallback), served_model=SERVED_MODEL) as server:
+        yield server
+
+
+def searcher_for(server: OpenAIServer, space, log_dir: Path, **options) -> GeniusSearcher:
+    return GeniusSearcher(space, KEY, METRIC, "max", model="test-gpt", base_url=server.base_url,
+                          log_dir=str(log_dir), **options)
+
+
+def code_of(config: dict) -> str:
+    return config[KEY].split(":", 1)[1]
+
+
+def train(searcher: GeniusSearcher, table: dict, trial_id: str) -> str:
+    """One GENIUS iteration as Tune runs it: suggest, "train" (look the accuracy up), complete."""
+    code = code_of(searcher.suggest(trial_id))
+    searcher.on_trial_complete(trial_id, {METRIC: table[code]["mean_acc"] / 100})
+    return code
+
+
+def digit_list(code: str) -> str:
+    return str([int(char) for char in code])
+
+
+def percent(table: dict, code: str) -> str:
+    return str(Decimal(table[code]["mean_acc"]).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+
+
+def user_turns(body: dict) -> list[str]:
+    return [message["content"] for message in body["messages"] if message["role"] == "user"]
+
+
+def candidates(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_dir / "candidates.jsonl").read_text().splitlines()]
+
+
+def test_good_answer_becomes_the_trial_config_and_the_search_is_sequential(space, tmp_path: Path) -> None:
+    with serving(["[2, 2, 2, 1, 2, 2, 2, 0]"]) as server:
+        searcher = searcher_for(server, space, tmp_path)
+        assert searcher.suggest("t0") == {KEY: "nas_bench_macro:22212220"}
+        assert searcher.suggest("t1") is None  # t0 is still training
+    assert len(server.requests) == 1
+    body, prompt = server.requests[0], space.prompt()
+    assert (body["model"], body["temperature"], body["n"]) == ("test-gpt", 0.0, 1) and "max_tokens" not in body
+    assert body["messages"][0] == {"role": "system", "content": PERSONAS["expert"]}
+    [user] = user_turns(body)
+    assert all(part in user for part in (prompt.task, prompt.operations, prompt.skeleton, prompt.answer_format))
+    assert user.endswith(SUFFIX) and "experimental results" not in user
+    assert server.authorizations == [f"Bearer {FAKE_KEY}"]
+
+
+def test_prose_and_code_fences_around_the_list_are_tolerated(space, tmp_path: Path) -> None:
+    reply = "Layers [0, 1] are early.\nHere is my design:\n```json\n[1, 1, 1, 1, 1, 1, 1, 1]\n```\nGood luck!"
+    with serving([reply]) as server:
+        assert code_of(searcher_for(server, space, tmp_path).suggest("t0")) == "11111111"
+    assert len(server.requests) == 1
+
+
+def test_malformed_and_invalid_replies_are_answered_in_the_same_conversation(space, tmp_path: Path) -> None:
+    replies = ["I would use inverted residual blocks everywhere.", "[2, 2, 2, 1, 2, 2, 2]",
+               "[2, 2, 2, 1, 2, 2, 3, 0]", "[2, 2, 2, 1, 2, 2, 0, 2]"]
+    with serving(replies) as server:
+        searcher = searcher_for(server, space, tmp_path)
+        assert code_of(searcher.suggest("t0")) == "22212202"
+    bodies = [body["messages"] for body in server.requests]
+    for before, after, reply in zip(bodies, bodies[1:], replies):
+        assert after[:-2] == before and after[-2] == {"role": "assistant", "content": reply}
+    feedback = [messages[-1]["content"] for messages in bodies[1:]]
+    assert "does not contain a list of 8 integers" in feedback[0]
+    assert "has 8 positions, got 7" in feedback[1]
+    assert "position 6" in feedback[2] and "allows 0..2" in feedback[2]
+    assert all(text.endswith(SUFFIX) for text in feedback)
+    assert [c["verdict"] for c in candidates(tmp_path)] == ["malformed", "invalid", "invalid", "accepted"]
+    summary = searcher.summary()
+    assert (summary["rejected_malformed"], summary["rejected_invalid"], summary["accepted"]) == (1, 2, 1)
+
+
+def test_an_evaluated_network_or_its_canonical_twin_is_a_duplicate(space, table: dict, tmp_path: Path) -> None:
+    replies = ["[2, 2, 2, 1, 2, 2, 0, 2]", "[2, 2, 2, 1, 2, 2, 2, 0]", "[1, 1, 1, 1, 1, 1, 1, 1]",
+               "[1, 1, 1, 1, 1, 1, 1, 1]", "[1, 0, 0, 0, 0, 0, 0, 0]"]
+    with serving(replies) as server:
+        searcher = searcher_for(server, space, tmp_path)
+        assert [train(searcher, table, f"t{i}") for i in range(3)] == ["22212202", "11111111", "10000000"]
+    twin, same = server.requests[2]["messages"][-1]["content"], server.requests[4]["messages"][-1]["content"]
+    assert "[2, 2, 2, 1, 2, 2, 2, 0] is the same network as [2, 2, 2, 1, 2, 2, 0, 2]" in twin
+    assert f"experiment 1 (accuracy {percent(table, '22212202')}%)" in twin
+    assert "[1, 1, 1, 1, 1, 1, 1, 1] was already evaluated in experiment 2" in same
+    assert searcher.summary()["rejected_duplicate"] == 2
+
+
+def test_a_candidate_outside_the_flops_window_is_sent_back(space, table: dict, tmp_path: Path) -> None:
+    replies = ["[2, 2, 2, 2, 2, 2, 2, 2]", "[1, 0, 0, 0, 0, 0, 0, 0]", "[1, 1, 0, 0, 0, 0, 0, 0]"]
+    with serving(replies) as server:
+        searcher = searcher_for(server, space, tmp_path, flops=(0, 40))
+        assert [train(searcher, table, f"t{i}") for i in range(2)] == ["10000000", "11000000"]
+    assert "lie in [0, 40] MFLOPs" in user_turns(server.requests[0])[0]
+    revise = server.requests[1]["messages"][-1]["content"]
+    assert "fails to meet the FLOPs constraint" in revise and "105.66 MFLOPs" in revise
+    assert "65.66 MFLOPs higher than the upper bound of 40" in revise
+    [prompt] = user_turns(server.requests[2])
+    assert f"Experiment 1: [1, 0, 0, 0, 0, 0, 0, 0], FLOPs 12.13M, accuracy {percent(table, '10000000')}%" in prompt
+    rejected = candidates(tmp_path)[0]
+    assert rejected["verdict"] == "over_budget" and round(rejected["flops"], 2) == 105.66
+
+
+def test_exhausted_retries_raise_with_the_chat_already_on_disk(space, tmp_path: Path) -> None:
+    with serving(["no idea", "still no idea", "none at all"]) as server:
+        searcher = searcher_for(server, space, tmp_path, max_retries=2)
+        with pytest.raises(GeniusError, match=r"after 2 re-prompts.*malformed.*'none at all'"):
+            searcher.suggest("t0")
+    assert len(server.requests) == 3
+    assert [e["reply"] for e in json.loads((tmp_path / "chat.json").read_text())["exchanges"]] == [
+        "no idea", "still no idea", "none at all"]
+    assert [c["verdict"] for c in candidates(tmp_path)] == ["malformed"] * 3
+
+
+def test_single_turn_prompt_lists_every_earlier_candidate(space, table: dict, tmp_path: Path) -> None:
+    with serving([], FreshArchitecturePolicy(space, seed=1)) as server:
+        searcher = searcher_for(server, space, tmp_path)
+        codes = [train(searcher, table, f"t{i}") for i in range(2)]
+        codes.append(code_of(searcher.suggest("t2")))
+        searcher.on_trial_complete("t2", None, error=True)
+        codes.append(train(searcher, table, "t3"))
+        searcher.suggest("t4")
+    last = server.requests[-1]["messages"]
+    assert [m["role"] for m in last] == ["system", "user"]  # rebuilt, not continued
+    expected = [f"{digit_list(code)} gives an accuracy of {percent(table, code)}%" for code in codes]
+    expected[2] = f"{digit_list(codes[2])} failed to train, so it has no accuracy"
+    lines = last[1]["content"].split("Here are some experimental results that you can use as a reference:\n")[1]
+    assert lines.splitlines()[:4] == expected
+    assert all(len(decimals) == 2 for decimals in re.findall(r"accuracy of \d+\.(\d+)%", last[1]["content"]))
+    assert "Please suggest a better list that can improve the model's performance on CIFAR10" in last[1]["content"]
+    assert last[1]["content"].endswith(SUFFIX)
+    assert [entry["accuracy"] is None for entry in searcher.history()] == [False, False, True, False]
+
+
+def test_multi_turn_keeps_one_growing_conversation(space, table: dict, tmp_path: Path) -> None:
+    with serving([], FreshArchitecturePolicy(space, seed=2)) as server:
+        searcher = searcher_for(server, space, tmp_path, variant="multi_turn", persona="quoc_le")
+        codes = [train(searcher, table, f"t{i}") for i in range(3)]
+    bodies = [body["messages"] for body in server.requests]
+    assert bodies[0][0] == {"role": "system", "content": PERSONAS["quoc_le"]}
+    assert "experimental results" not in bodies[0][1]["content"]
+    for before, after, code in zip(bodies, bodies[1:], codes):
+        assert after[:-2] == before and after[-2] == {"role": "assistant", "content": digit_list(code)}
+        assert after[-1]["content"].startswith(f"By using this model, we achieved an accuracy of "
+                                               f"{percent(table, code)}%.")
+    assert [m["role"] for m in bodies[-1]].count("system") == 1
+
+
+def test_log_files_hold_the_exchanges_candidates_and_usage(space, table: dict, tmp_path: Path) -> None:
+    with serving(["Let me think.", "[0, 1, 2, 0, 1, 2, 0, 1]"]) as server:
+        searcher = searcher_for(server, space, tmp_path)
+        train(searcher, table, "t0")
+    chat = json.loads((tmp_path / "chat.json").read_text())
+    assert chat["model"] == "test-gpt" and len(chat["exchanges"]) == 2
+    for exchange, body, response in zip(chat["exchanges"], server.requests, server.responses):
+        assert exchange["messages"] == body["messages"] and exchange["server_model"] == SERVED_MODEL
+        assert exchange["reply"] == response["choices"][0]["message"]["content"]
+        assert exchange["usage"] == response["usage"]
+    usage = json.loads((tmp_path / "usage.json").read_text())
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert usage[name] == sum(response["usage"][name] for response in server.responses) > 0
+    assert usage["requests"] == 2 and usage["server_models"] == [SERVED_MODEL]
+    rejected, accepted = candidates(tmp_path)
+    assert rejected["verdict"] == "malformed" and rejected["code"] is None
+    assert accepted["code"] == "01201201" and accepted["trial_id"] == "t0" and accepted["status"] == "completed"
+    assert accepted["accuracy"] == float(percent(table, "01201201")) and accepted["flops"] > 0 < accepted["params"]
+    transcript = (tmp_path / "chat.md").read_text()
+    assert "Let me think." in transcript and "## Iteration 1, attempt 2" in transcript
+    assert [c["attempt"] for c in candidates(tmp_path)] == [1, 2]
+    assert transcript.count(space.prompt().task) == 1  # the re-prompt shows only what is new
+    summary = searcher.summary()
+    assert summary["requests"] == 2 and summary["evaluated"] == 1 and summary["total_tokens"] == usage["total_tokens"]
+
+
+def test_the_api_key_is_used_but_written_nowhere(space, table: dict, tmp_path: Path) -> None:
+    with serving(["[3]", "[2, 2, 2, 2, 2, 2, 2, 2]"], FreshArchitecturePolicy(space, flops=(0, 60))) as server:
+        searcher = searcher_for(server, space, tmp_path / "logs", flops=(0, 60))
+        for i in range(2):
+            train(searcher, table, f"t{i}")
+        searcher.save(str(tmp_path / "logs" / "searcher.json"))
+        pickled = pickle.dumps(searcher)
+    assert set(server.authorizations) == {f"Bearer {FAKE_KEY}"}
+    files = [path for path in (tmp_path / "logs").rglob("*") if path.is_file()]
+    assert {path.name for path in files} >= {"chat.json", "chat.md", "candidates.jsonl", "usage.json"}
+    assert not [path for path in files if FAKE_KEY.encode() in path.read_bytes()]
+    assert FAKE_KEY.encode() not in pickled
+
+
+def test_without_a_key_only_a_loopback_server_is_allowed(space, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY")
+    remote = GeniusSearcher(space, KEY, METRIC, "max", model="gpt-4", base_url="https://llm.example.invalid/v1",
+                            api_key_env="MY_LLM_KEY")
+    with pytest.raises(GeniusError, match="MY_LLM_KEY"):
+        remote.suggest("t0")
+    with serving(["[0, 0, 0, 0, 0, 0, 0, 1]"]) as server:
+        assert code_of(searcher_for(server, space, tmp_path).suggest("t0")) == "00000001"
+    assert server.authorizations[0].startswith("Bearer ") and FAKE_KEY not in server.authorizations[0]
+
+
+@pytest.mark.parametrize("variant", ["single_turn", "multi_turn"])
+def test_save_and_restore_continue_the_same_search(space, table: dict, tmp_path: Path, variant: str) -> None:
+    checkpoint = tmp_path / "searcher.json"
+    runs = {}
+    for name in ("original", "restored"):
+        with serving([], FreshArchitecturePolicy(space, seed=3)) as server:
+            searcher = searcher_for(server, space, tmp_path / name, variant=variant)
+            if name == "original":
+                for i in range(2):
+                    train(searcher, table, f"t{i}")
+                searcher.suggest("t2")
+                searcher.save(str(checkpoint))
+            else:
+                searcher.restore(str(checkpoint))
+            asked_before = len(server.requests)
+            pending = searcher._pending["code"]
+            searcher.on_trial_complete("t2", {METRIC: table[pending]["mean_acc"] / 100})
+            codes = [train(searcher, table, f"t{i}") for i in range(3, 5)]
+            runs[name] = (codes, [body["messages"] for body in server.requests[asked_before:]], searcher.history())
+    assert runs["original"] == runs["restored"]
+    assert len(runs["restored"][2]) == 5
+    restored_chat = json.loads((tmp_path / "restored" / "chat.json").read_text())["exchanges"]
+    assert len(restored_chat) == 5  # the restored searcher's log continues the original one
+
+
+def test_the_searcher_pickles_and_goes_on(space, table: dict, tmp_path: Path) -> None:
+    with serving([], FreshArchitecturePolicy(space, seed=4)) as server:
+        searcher = searcher_for(server, space, tmp_path)
+        first = train(searcher, table, "t0")
+        clone = pickle.loads(pickle.dumps(searcher))
+        second = train(clone, table, "t1")
+    assert first != second and [entry["code"] for entry in clone.history()] == [first, second]
+    assert f"{digit_list(first)} gives an accuracy of" in user_turns(server.requests[-1])[0]
+
+
+def test_search_properties(space, tmp_path: Path) -> None:
+    searcher = GeniusSearcher(space, KEY, model="test-gpt", base_url="http://127.0.0.1:9/v1")
+    with pytest.raises(ValueError, match="metric"):
+        searcher.suggest("t0")
+    assert searcher.set_search_properties(METRIC, "max", {}) is True
+    assert (searcher.metric, searcher.mode) == (METRIC, "max")
+    with pytest.raises(ValueError, match="mode must be 'max'"):
+        searcher.set_search_properties(METRIC, "min", {})
+    with pytest.raises(ValueError, match="variant"):
+        GeniusSearcher(space, KEY, model="m", variant="tree_of_thought")
+
+
+def test_an_api_error_names_the_model_and_the_server(space, tmp_path: Path) -> None:
+    with serving([]) as server:
+        searcher = GeniusSearcher(space, KEY, METRIC, "max", model="test-gpt", base_url=server.base_url + "/wrong")
+        with pytest.raises(GeniusError, match=r"attempt 1: the request for model 'test-gpt' at http://127\.0\.0\.1"):
+            searcher.suggest("t0")
+    assert server.requests == []

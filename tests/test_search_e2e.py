@@ -1,0 +1,65 @@
+"""`orchestrator search experiments/genius/nas_bench_macro.yaml` end to end on the shared local Ray, against the
+OpenAI-compatible test server: the chat (with a malformed, a duplicate and an over-budget answer re-prompted),
+the candidates, the trajectory and the best architecture end up in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from openai_server import FreshArchitecturePolicy, OpenAIServer, ScriptedPolicy
+from trainers.nas import get_space
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENT = ROOT / "experiments" / "genius" / "nas_bench_macro.yaml"
+TABLE = ROOT.parent / "shared" / "data" / "nas-bench-macro_cifar10.json"
+REPLIES = ["I would use a deep network with large kernels.",  # malformed
+           "[1, 1, 1, 1, 1, 1, 1, 1]",  # accepted
+           "[1, 1, 1, 1, 1, 1, 1, 1]",  # duplicate of experiment 1
+           "[2, 2, 2, 2, 2, 2, 2, 2]"]  # 105.7 MFLOPs: over the 70 MFLOPs budget
+
+
+def test_genius_search_runs_end_to_end(ray_cluster, tmp_path: Path) -> None:
+    space = get_space("nas_bench_macro")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "MLFLOW_TRACKING_URI": uri}
+    env.pop("OPENAI_API_KEY", None)
+    policy = ScriptedPolicy(REPLIES, fallback=FreshArchitecturePolicy(space, seed=0, flops=(0.0, 70.0)))
+    with OpenAIServer(policy) as server:
+        command = [sys.executable, "-m", "orchestrator", "search", str(EXPERIMENT), "--set", "tune.num_samples=3",
+                   f"tune.searcher.base_url={server.base_url}", "tune.searcher.flops=[0, 70]",
+                   f"config.table={TABLE}", f"storage_path={tmp_path / 'runs'}"]
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "best architecture: nas_bench_macro:" in done.stdout
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("genius").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("orchestrator.kind") == "sweep")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and all(c.data.tags["tune.status"] == "completed" for c in children)
+    assert children and all(c.data.metrics["arch/mflops"] <= 70 for c in children)
+
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"architectures.csv", "search_trajectory.png", "search"} <= artifacts
+    local = Path(client.download_artifacts(parent.info.run_id, "search", str(tmp_path / "downloaded")))
+    verdicts = [json.loads(line)["verdict"] for line in (local / "candidates.jsonl").read_text().splitlines()]
+    assert verdicts[:5] == ["malformed", "accepted", "duplicate", "over_budget", "accepted"]
+    assert verdicts.count("accepted") == 3
+    chat = json.loads((local / "chat.json").read_text())
+    assert len(chat["exchanges"]) == len(server.requests) == len(verdicts)
+    last_prompt = chat["exchanges"][-1]["messages"][1]["content"]
+    assert re.search(r"Experiment 1: \[1, 1, 1, 1, 1, 1, 1, 1\], FLOPs [\d.]+M, accuracy \d+\.\d\d%", last_prompt)
+    usage = json.loads((local / "usage.json").read_text())
+    assert usage["requests"] == len(verdicts) and usage["total_tokens"] > 0
+    assert parent.data.metrics["search/total_tokens"] == usage["total_tokens"]
+
+    best = max(children, key=lambda c: c.data.metrics["eval/acc"])
+    assert parent.data.tags["best_arch"] == best.data.tags["arch"]
+    assert parent.data.metrics["best/eval/acc"] == best.data.metrics["eval/acc"]
