@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,3 +190,27 @@ def test_searcher_is_built_from_the_file(tmp_path: Path) -> None:
     searcher = build_searcher(spec, None, None)
     assert isinstance(searcher, RegularizedEvolution) and searcher.population_size == 20
     assert searcher.key == "config.arch" and searcher.metric == "eval/acc"
+
+
+def test_genius_without_a_key_for_a_remote_endpoint_stops_before_ray(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    path = ROOT / "experiments" / "genius" / "nas_bench_macro.yaml"
+    command = [sys.executable, "-m", "orchestrator", "search", str(path), "--set", f"config.table={TABLE}"]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "tune.searcher.api_key_env" in done.stderr and "OPENAI_API_KEY" in done.stderr
+    assert "Started a local Ray" not in done.stderr and not (tmp_path / "runs").exists()
+
+
+def test_method_state_is_saved_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A state is written under a temporary name and renamed: a leftover partial file is never loaded."""
+    from orchestrator.method_run import STATE_FILE, MethodContext
+    from orchestrator.storage import RunDir
+
+    ctx = MethodContext(RunDir(str(tmp_path), "run"), logger=None)
+    assert ctx.load() is None
+    ctx.save({"iteration": 3})
+    (tmp_path / "run" / f"{STATE_FILE}.partial").write_bytes(b"half a pickle")
+    assert ctx.load() == {"iteration": 3}
+    ctx.save({"iteration": 4})
+    assert ctx.load() == {"iteration": 4} and not (tmp_path / "run" / f"{STATE_FILE}.partial").exists()

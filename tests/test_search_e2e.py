@@ -63,3 +63,18 @@ def test_genius_search_runs_end_to_end(ray_cluster, tmp_path: Path) -> None:
     best = max(children, key=lambda c: c.data.metrics["eval/acc"])
     assert parent.data.tags["best_arch"] == best.data.tags["arch"]
     assert parent.data.metrics["best/eval/acc"] == best.data.metrics["eval/acc"]
+
+
+def test_a_lookup_runs_alone_as_a_ray_task(ray_cluster, tmp_path: Path) -> None:
+    """`orchestrator run` of a run(cfg, ctx) method: one Ray task, its report in an MLflow run of its own."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "MLFLOW_TRACKING_URI": uri}
+    command = [sys.executable, "-m", "orchestrator", "run", str(EXPERIMENT), "--set", "tune=null", "name=one-lookup",
+               "config.arch=nas_bench_macro:22212202", f"config.table={TABLE}", f"storage_path={tmp_path / 'runs'}"]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    client = MlflowClient(uri)
+    run, = client.search_runs([client.get_experiment_by_name("genius").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["dataset"] == "none"
+    assert run.data.metrics["eval/acc"] == json.loads(TABLE.read_text())["22212220"]["mean_acc"] / 100
+    assert run.data.metrics["eval/rank"] == 1
