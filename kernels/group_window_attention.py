@@ -220,30 +220,39 @@ class GroupWindowAttention(nn.Module):
         """delta (..., 2) with |dr|, |dc| < M -> (..., heads) from this module's table."""
         return relative_position_bias(self.relative_position_bias_table, delta, self.window_size)
 
-    def forward(self, x: Tensor, coords: Tensor, grid: tuple[int, int], shift: int = 0,
-                group_size: GroupSize = "optimal", reference: bool = False) -> Tensor:
-        """x (B, N, C) visible tokens, coords (N, 2) on the (H, W) grid -> (B, N, C).
+    def plan(self, coords: Tensor, grid: tuple[int, int], shift: int = 0, group_size: GroupSize = "optimal"
+             ) -> GroupLayout:
+        """The grouping of the visible tokens for this window size and shift (the knapsacks run on the CPU). Every
+        block of a stage with the same window and shift can share it: pass it to `forward` as `layout`.
 
         As in Swin and the official BasicLayer, a grid no larger than the window (min(H, W) <= M) is not shifted.
         """
-        batch, num_tokens, dim = x.shape
         shift = 0 if min(grid) <= self.window_size else shift
-        ids = window_ids(coords, self.window_size, shift, grid)  # (N,)
+        return group_layout(window_ids(coords, self.window_size, shift, grid), group_size, self.window_size, self.dim)
+
+    def forward(self, x: Tensor, coords: Tensor, grid: tuple[int, int], shift: int = 0,
+                group_size: GroupSize = "optimal", reference: bool = False, layout: GroupLayout | None = None
+                ) -> Tensor:
+        """x (B, N, C) visible tokens, coords (N, 2) on the (H, W) grid -> (B, N, C); `layout` from `plan` (made
+        here when None)."""
+        batch, num_tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, num_tokens, 3, self.num_heads, self.head_dim)
         if reference:
+            shift = 0 if min(grid) <= self.window_size else shift
+            ids = window_ids(coords, self.window_size, shift, grid)  # (N,)
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, heads, N, d)
             dropout_p = self.attn_drop.p if self.training else 0.0
             out = masked_window_attention_reference(q, k, v, coords, ids, self.relative_position_bias, self.scale,
                                                     dropout_p)
             out = out.transpose(1, 2).reshape(batch, num_tokens, dim)
         else:
-            out = self._grouped_attention(qkv, coords, ids, group_size)
+            layout = layout if layout is not None else self.plan(coords, grid, shift, group_size)
+            out = self._grouped_attention(qkv, coords, layout)
         return self.proj_drop(self.proj(out))
 
-    def _grouped_attention(self, qkv: Tensor, coords: Tensor, ids: Tensor, group_size: GroupSize) -> Tensor:
+    def _grouped_attention(self, qkv: Tensor, coords: Tensor, layout: GroupLayout) -> Tensor:
         """qkv (B, N, 3, heads, d) -> attention output (B, N, C) through padded groups and SDPA."""
         batch, num_tokens, _, heads, head_dim = qkv.shape
-        layout = group_layout(ids, group_size, self.window_size, self.dim)
         g, n_g = layout.group_size, layout.num_groups
         grouped = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, 1))[:, layout.token_of_slot]  # (B, n_g * g, 3, heads, d)
         grouped = grouped.view(batch, n_g, g, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)  # (3, B, n_g, heads, g, d)

@@ -16,6 +16,8 @@ TRAINERS: dict[str, str] = {
     "simmatchv2": "trainers.simmatchv2",
     "lm": "trainers.lm",
     "nas_bench": "trainers.nas_bench",
+    "greenmim": "trainers.greenmim",
+    "simmim": "trainers.simmim",
 }
 
 

@@ -3,18 +3,26 @@
 Config -> recipe: `arch` is the backbone (WRN-28-2 for CIFAR-10 as in FixMatch's supervised numbers, ResNet-50
 for ImageNet); `label_smoothing` is epsilon of label-smoothed cross-entropy (0 = plain CE). The optimizer and
 schedule come from the experiment's `optim:` block.
+
+Fine-tuning a pre-trained encoder: `init_from` names an orchestrator checkpoint directory (it holds model.pt, the
+method module's state_dict) or a model.pt file. A greenmim or simmim state (recognised by its `encoder.patch_embed.`
+keys) has its Swin encoder converted by trainers.greenmim.timm_swin_state_dict and loaded strictly into the timm
+backbone: `arch` must then be a timm Swin of the same sizes (e.g. swin_base_patch4_window7_224 after the paper's
+Swin-B pre-training); the classification head stays freshly initialised. Any other state (a supervised checkpoint) is
+loaded strictly into the whole classifier. With `init_from` empty the backbone is randomly initialised.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers._common.backbones import build_backbone
-from trainers._common.contract import Batch, DataInfo, TrainerSpec
+from trainers._common.backbones import Classifier, build_backbone
+from trainers._common.contract import Batch, ConfigError, DataInfo, TrainerSpec
 
 
 @dataclass
@@ -24,13 +32,46 @@ class Config:
     arch: str = "wrn28_2"  # wrn28_2, wrn28_8, small_cnn, or a timm model name
     label_smoothing: float = 0.0
     drop_rate: float = 0.0
+    init_from: str = ""  # checkpoint directory or model.pt to start from ("" = random init; see the module docstring)
 
 
 TINY = Config(arch="small_cnn")
 
 
 def build(cfg: Config, info: DataInfo) -> nn.Module:
-    return build_backbone(cfg.arch, info.in_channels, info.num_classes, cfg.drop_rate)
+    model = build_backbone(cfg.arch, info.in_channels, info.num_classes, cfg.drop_rate)
+    if cfg.init_from:
+        load_init(model, cfg)
+    return model
+
+
+def _model_file(init_from: str) -> Path:
+    path = Path(init_from)
+    return path / "model.pt" if path.is_dir() else path
+
+
+def check(cfg: Config) -> None:
+    if cfg.init_from and not _model_file(cfg.init_from).is_file():
+        raise ConfigError("init_from", "a checkpoint directory holding model.pt, or a model.pt file", cfg.init_from)
+
+
+def load_init(model: Classifier, cfg: Config) -> None:
+    """Load cfg.init_from into model: a greenmim/simmim Swin encoder into the timm backbone, else the whole state."""
+    state = torch.load(_model_file(cfg.init_from), map_location="cpu", weights_only=True)
+    if "encoder.patch_embed.proj.weight" not in state:
+        model.load_state_dict(state)
+        return
+    from timm.models.swin_transformer import SwinTransformer
+
+    from trainers.greenmim import timm_swin_state_dict
+
+    swin = getattr(model.encoder, "model", None)  # the timm model inside a timm backbone
+    if not isinstance(swin, SwinTransformer):
+        raise ValueError(f"init_from {cfg.init_from} holds a Swin encoder: arch must be a timm Swin, not {cfg.arch!r}")
+    try:
+        swin.load_state_dict(timm_swin_state_dict(state))
+    except RuntimeError as err:
+        raise ValueError(f"init_from {cfg.init_from}: its Swin encoder does not fit arch {cfg.arch!r}: {err}") from None
 
 
 def train_step(model: nn.Module, batch: Batch, cfg: Config, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -62,4 +103,6 @@ SPEC = TrainerSpec(
     build=build,
     train_step=train_step,
     eval_step=eval_step,
+    check=check,
+    path_fields=("init_from",),
 )
