@@ -120,7 +120,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "optimum": optimum, "results": results}))
+    summaries = {name: {"summary": r["summary"], "seconds": r["seconds"]} for name, r in results.items()}
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "optimum": optimum, "results": summaries},
+                                                   indent=2))
     log_to_mlflow(results, text, args)
     print(text)
 
