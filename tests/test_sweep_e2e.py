@@ -92,7 +92,8 @@ def test_asha_stops_the_weak_trials_early(asha_sweep) -> None:
     assert f"4 trials, {stopped} stopped early by the scheduler" in again.stdout
     best = max(children, key=lambda c: c.data.metrics.get("eval/acc", 0))
     assert json.loads(best.data.tags["tune.overrides"])["optim.lr"] in (0.1, 0.05)
-    assert best.data.metrics["eval/acc"] > 0.8
+    # trained alone for 60 steps, lr 0.1 reaches 0.867 and lr 0.05 0.802; asynchronous ASHA may stop either one
+    assert best.data.metrics["eval/acc"] > 0.75
 
 
 def test_the_parent_run_holds_the_trial_table_and_plot(asha_sweep) -> None:
