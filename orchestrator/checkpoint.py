@@ -12,20 +12,31 @@ manifest.json then records how many ranks wrote, and each rank's manifest is che
 
 Every file is written to a temporary name and renamed, and a directory whose manifest is missing or disagrees
 with the files is refused (`CheckpointError`), so a half-written checkpoint is never loaded.
+
+Files are read with `torch.load(weights_only=True)`: tensors, dicts, lists, tuples, numbers and strings only, so a
+checkpoint (on shared storage, from another user) cannot run code when it is loaded; anything else is refused
+with a `CheckpointError`. The RNG files hold numpy's state as a list of ints; those written before that held a
+numpy array, which is allowed there (numpy's array constructor, `ndarray`, `dtype` and the uint32 dtype, nothing
+else). DeepSpeed's files are read by DeepSpeed's own loader, which unpickles them in full (weights_only=False).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
 MANIFEST = "manifest.json"
+# what numpy's MT19937 key (a uint32 array) needs in RNG files written before it was saved as a list: the array
+# constructor that pickles name (numpy's private `_reconstruct`), the array and dtype classes, the uint32 dtype
+LEGACY_RNG_GLOBALS = [np.ndarray(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 class CheckpointError(RuntimeError):
@@ -42,9 +53,11 @@ def save_main(directory: Path, model_state: dict[str, Any], train_state: dict[st
 
 
 def save_rng(directory: Path, rank: int) -> None:
+    """This rank's RNG states, as types that weights_only loads: numpy's key array becomes a list of ints."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, key.tolist(), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -54,14 +67,29 @@ def save_rng(directory: Path, rank: int) -> None:
 def load(directory: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """(model_state, train_state, rng_state or None when this rank has none, e.g. after a change of world size)."""
     verify(directory)
-    model_state = torch.load(directory / "model.pt", map_location="cpu", weights_only=False)
-    train_state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=False)
+    model_state = safe_load(directory / "model.pt")
+    train_state = safe_load(directory / "train_state.pt")
     return model_state, train_state, load_rng(directory, rank)
 
 
 def load_rng(directory: Path, rank: int) -> dict[str, Any] | None:
     rng_path = directory / f"rng_rank{rank}.pt"
-    return torch.load(rng_path, map_location="cpu", weights_only=False) if rng_path.is_file() else None
+    if not rng_path.is_file():
+        return None
+    with torch.serialization.safe_globals(LEGACY_RNG_GLOBALS):
+        return safe_load(rng_path)
+
+
+def safe_load(source: Path | IO[bytes], name: str | None = None) -> Any:
+    """torch.load(weights_only=True) on the CPU; a file holding anything else (a class instance, a function: what
+    could run code while unpickled) raises CheckpointError naming the file and the refused global."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"`{found.group(1)}`" if found else "an object other than tensors and plain containers"
+        raise CheckpointError(f"{name or source}: refused to load {what}: checkpoints may hold only tensors, dicts, "
+                              "lists, tuples, numbers and strings (torch.load weights_only=True)") from None
 
 
 def save_rank_manifest(directory: Path, rank: int, world: int, step: int) -> None:

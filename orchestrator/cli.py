@@ -1,4 +1,4 @@
-"""`orchestrator run | sweep | search | compare | check | ls`: the command line.
+"""`orchestrator run | sweep | search | submit | compare | check | ls`: the command line.
 
 Exit status: 0 on success, 1 when a run fails, 2 when the experiment file (or an override) is invalid; a bad
 file is always reported before Ray starts.
@@ -50,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     search.set_defaults(func=cmd_search)
 
+    submit = commands.add_parser("submit", help="run an experiment file (run, sweep or search) as a Ray job on a "
+                                 "cluster, streaming its logs")
+    _add_file_args(submit)
+    submit.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://HEAD:8265 (do not "
+                        "expose it without authentication)")
+    submit.add_argument("--working-dir", default=".", help="the project directory to upload (default: .)")
+    submit.add_argument("--python", default="python", help="the Python on the cluster that has the project's "
+                        "dependencies (default: python)")
+    submit.add_argument("--tracking-uri", default=None, help="MLflow for the job (default: $MLFLOW_TRACKING_URI, "
+                        "else the file's tracking.tracking_uri)")
+    submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    submit.set_defaults(func=cmd_submit)
+
     compare = commands.add_parser("compare", help="compare MLflow runs: differing params, final metrics, curves")
     compare.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="MLflow run ids")
     compare.add_argument("--experiment", default=None, help="every run of this MLflow experiment")
@@ -93,8 +106,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         outcome = launch(spec, str(args.file))
     except ray.train.TrainingFailedError as err:
-        print(f"error: run {spec.name} failed: {err}\nrun the same command again to resume it from its last "
-              "checkpoint", file=sys.stderr)
+        hint = ("the loss diverged: running it again meets the same step; change `optim` or `config` and give a new "
+                "`name`, or resume the last good checkpoint" if "non-finite" in str(err) else
+                "run the same command again to resume it from its last checkpoint")
+        print(f"error: run {spec.name} failed: {err}\n{hint}", file=sys.stderr)
         return 1
     _print_outcome(outcome)
     return 0
@@ -134,6 +149,18 @@ def cmd_sweep(args: argparse.Namespace, spec: ExperimentSpec | None = None) -> i
     return 0 if any(r["status"] != "error" for r in outcome.rows) else 1
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Validate here (exit 2 before anything is sent), then submit; 0 when the job succeeds."""
+    from orchestrator.submit import prepare, submit
+
+    spec = spec_mod.load(args.file, args.overrides)
+    submission = prepare(spec, args.file, list(args.overrides), Path(args.working_dir), args.python,
+                         args.tracking_uri)
+    status = submit(args.address, submission, wait=not args.no_wait)
+    print(f"job {submission.submission_id}: {status}")
+    return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -162,7 +189,9 @@ def _init_ray(address: str | None) -> None:
 def _summary(spec: ExperimentSpec) -> str:
     o, r = spec.optim, spec.resources
     if o is None or spec.data is None:
-        return f"{spec.name}: method {spec.method} ({spec.trainer.paper}), config {spec.config}"
+        from orchestrator.tracking import redact
+
+        return f"{spec.name}: method {spec.method} ({spec.trainer.paper}), config {redact(spec.config)}"
     return (f"{spec.name}: method {spec.method} on {spec.data.dataset} ({spec.views} views), {o.steps} steps of "
             f"batch {o.batch_size} with {o.name} lr {o.lr}, {r.workers} worker(s) x {r.cpus_per_worker} CPU"
             f"{f' + {r.gpus_per_worker} GPU' if r.gpus_per_worker else ''}")

@@ -8,7 +8,9 @@ without DeepSpeed; DeepSpeed steps both at gradient-accumulation boundaries.
 Checkpoints: every rank calls `save_checkpoint` into its own directory (the file names are rank-unique: ZeRO
 shards `zero_pp_rank_{r}_mp_rank_00_*`), writes its RNG state and a manifest of its files; Ray merges the ranks'
 directories into one checkpoint. Resuming loads the same tag on every rank, after checking every rank's manifest,
-with the same number of workers (ZeRO shards are per rank).
+with the same number of workers (ZeRO shards are per rank). DeepSpeed reads its own files with
+torch.load(weights_only=False) (its TorchCheckpointEngine): only resume from checkpoints you trust; the RNG files
+are read by orchestrator.checkpoint, with weights_only=True.
 
 On CPU: DS_ACCELERATOR=cpu, fp32, a torch optimizer (no fused or CPU-Adam kernels to compile).
 """
@@ -70,7 +72,7 @@ class DeepSpeedEngine:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        self.setup, self.world = setup, world
+        self.setup, self.world, self.device = setup, world, device
         config = deepspeed_config(setup.spec, world, on_gpu=device.type == "cuda")
         self.engine, *_ = deepspeed.initialize(model=TrainStep(setup.model, setup.method.train_step, setup.cfg),
                                                optimizer=setup.optimizer, lr_scheduler=setup.scheduler,
@@ -78,15 +80,19 @@ class DeepSpeedEngine:
         self.autocast = nullcontext  # bf16 is DeepSpeed's (it casts the module); fp32 on CPU
 
     def optimizer_step(self, batches: Iterator[dict[str, torch.Tensor]], position: Position) -> dict[str, Any]:
-        """grad_accum micro-batches; DeepSpeed scales each loss by 1/grad_accum and steps at the boundary."""
+        """grad_accum micro-batches; DeepSpeed scales each loss by 1/grad_accum and steps at the boundary. The
+        step's loss is the mean over its micro-batches (as in launch.TorchEngine)."""
         metrics: dict[str, Any] = {}
-        for _ in range(self.setup.spec.optim.grad_accum):
+        accum = self.setup.spec.optim.grad_accum
+        total = torch.zeros((), device=self.device)
+        for _ in range(accum):
             loss, metrics = self.engine(next(batches), position.step)
             self.engine.backward(loss)
             self.engine.step()
+            total += loss.detach().float()
             position.micro += 1
         position.step += 1
-        return {"loss": loss.detach().float(), **metrics, "lr": self.engine.get_lr()[0]}
+        return {"loss": total / accum, **metrics, "lr": self.engine.get_lr()[0]}
 
     def save(self, directory: Path, rank: int, position: Position) -> None:
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False,

@@ -5,6 +5,9 @@ state there and `ray.train.get_checkpoint()` returns the latest complete checkpo
 dies is restarted by Ray (`resources.max_failures`) from the same checkpoint. The checkpoint holds the model
 (with the method's EMA teachers, queues and banks), optimizer, scheduler, step, data position and every rank's
 RNG state, so a resumed run replays the lost steps exactly (with `data.loader_workers: 0`).
+
+A loss that turns NaN or Inf stops the run without a checkpoint of the broken state, and is not retried
+(orchestrator/divergence.py): the MLflow run is FAILED with the tag `stopped_reason`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import nn
 
 from orchestrator import checkpoint as ckpt_io
 from orchestrator import spec as spec_mod
+from orchestrator.divergence import LossGuard, NonFiniteLossError, local_weights, no_retry_callback
 from orchestrator.optim import build_optimizer, build_scheduler, default_param_groups, load_training_state
 from orchestrator.spec import ExperimentSpec, Shown, SpecError
 from orchestrator.storage import RunDir, absolute
@@ -143,10 +147,12 @@ def open_mlflow_run(tracker: Any, spec: ExperimentSpec, run_dir: RunDir, spec_fi
 def torch_trainer(spec: ExperimentSpec, loop_config: dict[str, Any], name: str | None = None,
                   storage_path: str | None = None, callbacks: tuple[Any, ...] = ()) -> Any:
     """The TorchTrainer of one run: `name` and `storage_path` default to the experiment's (a sweep gives each
-    trial's runs their own), `callbacks` are Ray Train UserCallbacks."""
+    trial's runs their own), `callbacks` are Ray Train UserCallbacks. A non-finite loss is never retried."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    name, storage_path = name or spec.name, storage_path or spec.storage_path
+    loop_config = {**loop_config, "checkpoint_root": f"{storage_path.rstrip('/')}/{name}"}
     resources = {"CPU": spec.resources.cpus_per_worker}
     if spec.resources.gpus_per_worker:
         resources["GPU"] = spec.resources.gpus_per_worker
@@ -160,12 +166,12 @@ def torch_trainer(spec: ExperimentSpec, loop_config: dict[str, Any], name: str |
             placement_strategy=spec.resources.placement_strategy,
         ),
         run_config=RunConfig(
-            name=name or spec.name,
-            storage_path=storage_path or spec.storage_path,
+            name=name,
+            storage_path=storage_path,
             failure_config=FailureConfig(max_failures=spec.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress replaces Ray Train's info lines
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, no_retry_callback()],
         ),
     )
 
@@ -270,20 +276,23 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and loop_config.get("initial_checkpoint"):  # a sweep trial restarted by Tune
         checkpoint = ray.train.Checkpoint(loop_config["initial_checkpoint"])
-    position = Position()
+    position, last_checkpoint = Position(), None
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             position = engine.restore(Path(directory), rank)
+        last_checkpoint = (position.step, checkpoint.path)
         log.info("rank %d resumed at step %d", rank, position.step)
 
-    def report(metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None:
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> str | None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:09d}")
+        return f"{loop_config['checkpoint_root']}/checkpoint_{step:09d}" if checkpoint_dir else None
 
     logger = _metric_logger(loop_config, rank, setup.data.artifacts)
     if logger is not None and position.step:
         logger.set_tag("resumed_from_step", str(position.step))
-    StepLoop(setup, engine, device, rank, world, report, logger, loop_config["board"]).run(position)
+    loop = StepLoop(setup, engine, device, rank, world, report, logger, loop_config["board"], last_checkpoint)
+    loop.run(position)
 
 
 def _engine(setup: Setup, device: torch.device, rank: int, world: int) -> Any:
@@ -299,17 +308,26 @@ def _engine(setup: Setup, device: torch.device, rank: int, world: int) -> Any:
     return TorchEngine(setup, step_module, device)
 
 
-def train_in_process(spec: ExperimentSpec, device: torch.device | None = None) -> dict[str, float]:
+def train_in_process(spec: ExperimentSpec, device: torch.device | None = None,
+                     checkpoint_root: Path | None = None) -> dict[str, float]:
     """The same step loop in this process, one rank, no Ray and no MLflow: for benchmarks and debugging.
-    Checkpoints are written and discarded; returns the final metrics. `resources.deepspeed` is ignored here
-    (DeepSpeed runs in Ray workers)."""
+    Checkpoints are written and discarded, or kept as `checkpoint_root/checkpoint_{step:09d}`; returns the final
+    metrics. `resources.deepspeed` is ignored here (DeepSpeed runs in Ray workers)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(spec.seed, 0)
     setup = Setup.build(spec, device)
     reported: dict[str, float] = {}
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> str | None:
+        reported.update(metrics)
+        if checkpoint_dir is None or checkpoint_root is None:
+            return None
+        kept = Path(checkpoint_root) / f"checkpoint_{step:09d}"
+        shutil.copytree(checkpoint_dir, kept)
+        return str(kept)
+
     engine = TorchEngine(setup, TrainStep(setup.model, setup.method.train_step, setup.cfg), device)
-    loop = StepLoop(setup, engine, device, 0, 1, lambda metrics, checkpoint_dir, step: reported.update(metrics))
-    loop.run(Position())
+    StepLoop(setup, engine, device, 0, 1, report).run(Position())
     return reported
 
 
@@ -330,18 +348,20 @@ def _metric_logger(loop_config: dict[str, Any], rank: int, artifacts: dict[str, 
     return logger
 
 
-Report = Callable[[dict[str, float], Path | None, int], None]  # (metrics, checkpoint dir or None, step)
+# (metrics, checkpoint dir or None, step) -> where the checkpoint was kept, or None
+Report = Callable[[dict[str, float], Path | None, int], str | None]
 
 
 class TorchEngine:
     """One optimizer step of the method's module, plain or under DDP: gradient accumulation (no_sync between
     micro-batches), bf16 autocast on GPU, clipping, optimizer and schedule; and its checkpoints (rank 0 writes the
-    model and training state, every rank its RNG)."""
+    model and training state, every rank its RNG). The step's loss is the mean over its micro-batches, so a NaN in
+    any of them shows."""
 
     even_eval_shards = False  # eval needs no collective inside the forward pass
 
     def __init__(self, setup: Setup, step_module: nn.Module, device: torch.device):
-        self.setup, self.step_module = setup, step_module
+        self.setup, self.step_module, self.device = setup, step_module, device
         use_amp = setup.spec.optim.amp and device.type == "cuda"
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
 
@@ -349,19 +369,21 @@ class TorchEngine:
         setup, accum = self.setup, self.setup.spec.optim.grad_accum
         setup.optimizer.zero_grad(set_to_none=True)
         metrics: dict[str, Any] = {}
+        total = torch.zeros((), device=self.device)
         for i in range(accum):
             batch = next(batches)
             sync = i == accum - 1 or not hasattr(self.step_module, "no_sync")
             with (nullcontext() if sync else self.step_module.no_sync()), self.autocast():
                 loss, metrics = self.step_module(batch, position.step)
             (loss / accum).backward()
+            total += loss.detach().float()
             position.micro += 1
         if setup.spec.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(setup.model.parameters(), setup.spec.optim.clip_grad_norm)
         setup.optimizer.step()
         setup.scheduler.step()
         position.step += 1
-        return {"loss": loss.detach(), **metrics, "lr": setup.optimizer.param_groups[0]["lr"]}
+        return {"loss": total / accum, **metrics, "lr": setup.optimizer.param_groups[0]["lr"]}
 
     def save(self, directory: Path, rank: int, position: Position) -> None:
         ckpt_io.save_rng(directory, rank)
@@ -385,15 +407,20 @@ class StepLoop:
     """The step loop: accumulation, AMP, logging windows, evaluation and checkpoint reports.
 
     `report` is called on every rank at the same steps (under Ray it is a barrier); rank 0 logs to `logger`
-    (MLflow) and posts progress to `board` when they are given.
+    (MLflow) and posts progress to `board` when they are given. A NaN or Inf loss is looked for at each log line
+    and before each report (orchestrator/divergence.py); `last_checkpoint` is (step, path) of the checkpoint the
+    run resumed from, named when it stops.
     """
 
     def __init__(self, setup: Setup, engine: Any, device: torch.device, rank: int, world: int,
-                 report: Report, logger: Any = None, board: Any = None):
+                 report: Report, logger: Any = None, board: Any = None,
+                 last_checkpoint: tuple[int, str] | None = None):
         self.setup, self.spec, self.engine, self.device = setup, setup.spec, engine, device
         self.rank, self.world, self.report, self.logger, self.board = rank, world, report, logger, board
         self.last_train: dict[str, float] = {}  # the latest logged train/* means, sent with every report
         self.micro_batch = self.spec.optim.batch_size // (world * self.spec.optim.grad_accum)
+        self.guard = LossGuard(("loss", *setup.method.finite_metrics), device, world)
+        self.last_checkpoint = last_checkpoint
 
     def run(self, position: Position) -> None:
         total = self.spec.optim.steps
@@ -403,16 +430,21 @@ class StepLoop:
         self.setup.model.train()
         while position.step < total:
             metrics = self._optimizer_step(batches, position)
+            self.guard.watch(metrics, position.step)
             window.add(metrics)
             if position.step % self.spec.log_every == 0:
+                self._stop_if_diverged(position.step)
                 self._log(window.flush(), position.step)
             eval_due = self.spec.eval.every and position.step % self.spec.eval.every == 0
             ckpt_due = position.step % self.spec.checkpoint.every == 0
             if position.step < total and (eval_due or ckpt_due):
+                self._stop_if_diverged(position.step, weights=ckpt_due)
                 reported = self.evaluate() if eval_due else {}
                 self._report(reported, position, with_checkpoint=ckpt_due)
         if window.count:
+            self._stop_if_diverged(position.step)
             self._log(window.flush(), position.step)
+        self._stop_if_diverged(position.step, weights=True)
         final = self.evaluate()
         self._report(final, position, with_checkpoint=True)
         if self.rank == 0:
@@ -423,6 +455,21 @@ class StepLoop:
         if self.setup.method.on_step_end is not None:
             self.setup.method.on_step_end(self.setup.model, self.setup.cfg, position.step)
         return metrics
+
+    def _stop_if_diverged(self, step: int, weights: bool = False) -> None:
+        """A collective, called by every rank at the same steps (a log line, an evaluation or checkpoint report,
+        the end), where the loop syncs anyway: when a watched metric was NaN or Inf (or, before a checkpoint, this
+        state's weights are), every rank raises NonFiniteLossError before anything of it is saved, and rank 0
+        tags the MLflow run with the reason."""
+        found = self.guard.first_bad(step, local_weights(self.setup.model) if weights else None)
+        if found is None:
+            return
+        error = NonFiniteLossError(*found, self.spec.method, self.spec.name, self.last_checkpoint)
+        if self.rank == 0:
+            log.error("%s", error)
+            if self.logger is not None:
+                self.logger.set_tag("stopped_reason", error.reason)
+        raise error
 
     def _log(self, averaged: dict[str, float], step: int) -> None:
         metrics = {f"train/{k}": v for k, v in averaged.items() if k not in ("samples_per_s", "steps_per_s")}
@@ -476,7 +523,8 @@ class StepLoop:
         directory = Path(tempfile.mkdtemp(prefix="ckpt-"))
         try:
             self.engine.save(directory, self.rank, position)
-            self.report(metrics, directory, position.step)
+            kept = self.report(metrics, directory, position.step)
+            self.last_checkpoint = (position.step, kept or "a temporary directory, since deleted")
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 

@@ -2,7 +2,9 @@
 
 `MethodContext` is the Ray-side `ctx`: `report` logs to the run's MLflow run (and, in a sweep, reports to Tune),
 `save`/`load` keep the method's state in the run directory. A state is written to a temporary name and renamed,
-so a process that dies while saving leaves the previous state, never half of a new one.
+so a process that dies while saving leaves the previous state, never half of a new one. A state may hold only
+tensors, dicts, lists, tuples, numbers and strings: it is read with torch.load(weights_only=True), so a state
+file cannot run code when loaded, and `save` refuses a state that could not be read back.
 
 `orchestrator run` runs the method as one Ray task with the experiment's resources (`resources.workers` is 1
 for these methods); Ray retries the task `resources.max_failures` times after a crash, and the method resumes
@@ -19,6 +21,7 @@ import torch
 import yaml
 
 from orchestrator import spec as spec_mod
+from orchestrator.checkpoint import safe_load
 from orchestrator.spec import ExperimentSpec, SpecError
 from orchestrator.storage import RunDir
 
@@ -42,8 +45,10 @@ class MethodContext:
             self.on_report(metrics, step)
 
     def save(self, state: dict[str, Any]) -> None:
+        """Raises CheckpointError for a state that weights_only cannot load, now rather than at the resume."""
         buffer = io.BytesIO()
         torch.save(state, buffer)
+        safe_load(io.BytesIO(buffer.getvalue()), "the method state to save")
         fs, path = self.run_dir.fs, self.run_dir.path
         fs.create_dir(path, recursive=True)
         with fs.open_output_stream(f"{path}/{STATE_FILE}.partial") as stream:
@@ -57,7 +62,7 @@ class MethodContext:
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
         with fs.open_input_stream(path) as stream:
-            return torch.load(io.BytesIO(stream.read()), weights_only=False)
+            return safe_load(io.BytesIO(stream.read()), path)
 
 
 def run_method(spec: ExperimentSpec, ctx: MethodContext) -> dict[str, float]:

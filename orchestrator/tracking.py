@@ -19,7 +19,9 @@ from typing import Any
 
 from orchestrator.storage import RunDir
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
+SECRET_KEY = re.compile(r"(api[_-]?key|access[_-]?key|private[_-]?key|token|secret|password|passwd|credential|auth)",
+                        re.IGNORECASE)
+URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # scheme://user:password@host
 REDACTED = "***"
 
 
@@ -40,11 +42,15 @@ def display_uri(uri: str) -> str:
 
 
 def redact(tree: Any) -> Any:
-    """A copy of a nested dict/list with the value of every key that looks like a secret replaced by ***."""
+    """A copy of a nested dict/list with the value of every key that looks like a secret replaced by ***, and the
+    credentials of URIs in strings (scheme://user:password@host) too. Keys are matched loosely (`max_tokens` is
+    hidden as well): showing a secret costs more than hiding a number."""
     if isinstance(tree, dict):
         return {k: REDACTED if SECRET_KEY.search(str(k)) and v else redact(v) for k, v in tree.items()}
     if isinstance(tree, list):
         return [redact(v) for v in tree]
+    if isinstance(tree, str):
+        return URI_CREDENTIALS.sub(f"{REDACTED}@", tree)
     return tree
 
 

@@ -201,7 +201,10 @@ def build_searcher(spec: ExperimentSpec, path: str | Path | None = None, max_con
     name = _registry_name(searcher.name, SEARCHER_ALIASES)
     kwargs = dict(searcher.model_extra or {})
     if name == "variant_generator":
-        return BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent, **kwargs)
+        try:
+            return BasicVariantGenerator(random_state=spec.seed, max_concurrent=max_concurrent, **kwargs)
+        except TypeError as err:
+            raise _bad_searcher_arguments(path, name, searcher, err) from None
     if name not in SEARCH_ALG_IMPORT:
         known = ", ".join(sorted({*SEARCH_ALG_IMPORT, "random", "grid"}))
         raise SpecError(path, "tune.searcher.name", f"a Tune searcher ({known})", searcher.name)
@@ -215,8 +218,15 @@ def build_searcher(spec: ExperimentSpec, path: str | Path | None = None, max_con
     except (ImportError, AssertionError) as err:
         raise SpecError(path, "tune.searcher.name", f"a searcher whose package is installed ({err})", name) from None
     except (TypeError, ValueError) as err:
-        raise SpecError(path, "tune.searcher", f"arguments that searcher {name!r} accepts: {err}",
-                        searcher.model_dump()) from None
+        raise _bad_searcher_arguments(path, name, searcher, err) from None
+
+
+def _bad_searcher_arguments(path: str | Path | None, name: str, searcher: Any, err: Exception) -> SpecError:
+    """The error shows the searcher block with its secrets (an `api_key`) as ***: it goes to the terminal."""
+    from orchestrator.tracking import redact
+
+    return SpecError(path, "tune.searcher", f"arguments that searcher {name!r} accepts: {err}",
+                     redact(searcher.model_dump()))
 
 
 # ---------------------------------------------------------------------------------------------- the sweep driver

@@ -105,6 +105,12 @@ def test_bad_tune_blocks_name_the_key(tmp_path: Path, block, key, expected) -> N
     assert error.key == key and expected in error.expected
 
 
+def test_bad_random_searcher_arguments_are_a_spec_error_without_the_key(tmp_path: Path) -> None:
+    error = load_error(sweep_file(tmp_path, searcher={"name": "random", "api_key": "sk-secret"}))
+    assert error.key == "tune.searcher" and "unexpected keyword argument 'api_key'" in error.expected
+    assert "sk-secret" not in str(error) and "'api_key': '***'" in str(error)
+
+
 def test_check_refuses_a_bad_sweep_before_ray_starts(tmp_path: Path, capsys, monkeypatch) -> None:
     import ray
 

@@ -66,3 +66,27 @@ def test_run_dir_files_on_a_path_or_a_filesystem_uri(tmp_path: Path, as_uri: boo
     run_dir.write("experiment.yaml", "name: exp\n")
     assert run_dir.read("experiment.yaml") == "name: exp\n"
     assert (tmp_path / "exp" / "experiment.yaml").read_text() == "name: exp\n"
+
+
+def test_searcher_keys_tokens_and_uri_passwords_are_logged_as_stars(mlflow_uri: str, tmp_path: Path) -> None:
+    """What the driver logs for a run (params, experiment.yaml in MLflow and in the run directory), without Ray."""
+    from orchestrator import spec as spec_mod
+    from orchestrator.launch import check_same_experiment, open_mlflow_run
+
+    sweep_file = Path(__file__).resolve().parents[1] / "experiments" / "supervised" / "digits_sweep.yaml"
+    spec = spec_mod.load(sweep_file, ["tune.searcher={name: optuna, api_key: sk-secret-1}",
+                                      "tracking.tags={HF_TOKEN: hf-secret-2, team: vision}",
+                                      "tracking.tracking_uri=https://alice:secret-3@mlflow.lab:5000"])
+    run_dir = RunDir(str(tmp_path), "sweep")
+    check_same_experiment(spec, run_dir)
+    tracker = tracking.Tracker(mlflow_uri)
+    run_id, _ = open_mlflow_run(tracker, spec, run_dir, str(sweep_file))
+    run = tracker.client.get_run(run_id)
+    assert run.data.params["tune.searcher.api_key"] == "***" and run.data.params["tune.searcher.name"] == "optuna"
+    assert run.data.params["tracking.tracking_uri"] == "https://***@mlflow.lab:5000"
+    assert run.data.tags["HF_TOKEN"] == "***" and run.data.tags["team"] == "vision"
+    logged = tracker.client.download_artifacts(run_id, "experiment.yaml", str(tmp_path))
+    texts = [Path(logged).read_text(), run_dir.read("experiment.yaml")]
+    assert all("api_key: '***'" in text for text in texts)
+    everything = repr(run.data.params) + repr(run.data.tags) + "".join(texts)
+    assert not any(f"secret-{i}" in everything for i in (1, 2, 3))

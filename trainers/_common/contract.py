@@ -29,7 +29,8 @@ class DataInfo:
 
 
 class RunContext(Protocol):
-    """What a `run(cfg, ctx)` method sees of the orchestrator (a Ray-backed one, or a local one in tests)."""
+    """What a `run(cfg, ctx)` method sees of the orchestrator (a Ray-backed one, or a local one in tests). A saved
+    state holds only tensors, dicts, lists, tuples, numbers and strings (it is loaded with weights_only=True)."""
 
     is_main: bool
     device: torch.device
@@ -68,6 +69,8 @@ class TrainerSpec:
     - check(cfg): raises ConfigError for values the Config's types cannot reject (checked before Ray starts).
     - path_fields: Config fields holding file paths; relative ones are resolved against the driver's working
       directory (workers run elsewhere).
+    - finite_metrics: train metrics that, like the loss, stop the run when NaN or Inf (the loss is always
+      checked; list parts of it only where a NaN part would not already make the loss NaN).
     """
 
     name: str
@@ -84,6 +87,7 @@ class TrainerSpec:
     run: Callable[[Any, RunContext], dict[str, float]] | None = None
     check: Callable[[Any], None] | None = None
     path_fields: tuple[str, ...] = ()
+    finite_metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         step_contract = self.build is not None and self.train_step is not None

@@ -1,0 +1,82 @@
+"""`orchestrator submit`: the job it prepares, and the quickstart submitted as a Ray job to the shared local Ray."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator import spec as spec_mod
+from orchestrator.spec import SpecError
+from orchestrator.submit import command_for, prepare
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "experiments" / "quickstart.yaml"
+
+
+def test_the_job_runs_the_file_from_the_uploaded_project(monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = spec_mod.load(QUICKSTART, ["storage_path=/shared/runs"])
+    job = prepare(spec, QUICKSTART, ["storage_path=/shared/runs"], REPO, "python3", "http://mlflow:5000")
+    words = shlex.split(job.entrypoint)
+    assert words == ["python3", "-m", "orchestrator", "run", "experiments/quickstart.yaml", "--set",
+                     "storage_path=/shared/runs"]
+    assert job.runtime_env["working_dir"] == str(REPO) and ".venv" in job.runtime_env["excludes"]
+    assert job.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert job.submission_id.startswith("quickstart-digits-")
+
+
+def test_paths_the_cluster_cannot_see_are_refused(monkeypatch) -> None:
+    """A relative storage path or sqlite store would live in the job's temporary copy of the project."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SpecError, match="storage every node of the cluster sees"):
+        prepare(spec_mod.load(QUICKSTART), QUICKSTART, [], REPO, "python", None)
+    shared = spec_mod.load(QUICKSTART, ["storage_path=/shared/runs"])
+    with pytest.raises(SpecError, match="an MLflow server the cluster reaches"):
+        prepare(shared, QUICKSTART, [], REPO, "python", "sqlite:///mlflow.db")
+    job = prepare(shared, QUICKSTART, [], REPO, "python", None)
+    assert "MLFLOW_TRACKING_URI" not in job.runtime_env["env_vars"]  # the cluster's own setting applies
+
+
+def test_sweeps_and_searches_are_submitted_as_such() -> None:
+    assert command_for(spec_mod.load(REPO / "experiments" / "supervised" / "digits_sweep.yaml")) == "sweep"
+    assert command_for(spec_mod.load(REPO / "experiments" / "nas_bench" / "macro_evolution.yaml")) == "search"
+
+
+def test_a_file_outside_the_project_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "exp.yaml"
+    outside.write_text(QUICKSTART.read_text())
+    with pytest.raises(SpecError, match="inside the working directory"):
+        prepare(spec_mod.load(outside), outside, [], REPO, "python", None)
+
+
+def test_a_bad_file_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**yaml.safe_load(QUICKSTART.read_text()), "optim": {"lr": -1}}))
+    done = subprocess.run([sys.executable, "-m", "orchestrator", "submit", str(bad), "--address", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "optim" in done.stderr
+
+
+def test_quickstart_submitted_as_a_ray_job(ray_cluster, tmp_path: Path) -> None:
+    import ray
+
+    dashboard = f"http://{ray._private.worker.get_dashboard_url()}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, "-m", "orchestrator", "submit", str(QUICKSTART), "--address", dashboard,
+               "--python", sys.executable, "--tracking-uri", uri, "--working-dir", str(REPO), "--set",
+               "optim.steps=30", "eval.every=null", "checkpoint.every=30", f"storage_path={tmp_path / 'runs'}",
+               "name=submitted-quickstart"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp_path,
+                          env={**os.environ, "RAY_ADDRESS": ray_cluster})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "SUCCEEDED" in done.stdout and "test acc" in done.stdout  # the job's own output, streamed
+    run, = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["eval/acc"] > 0.5
+    assert (tmp_path / "runs" / "submitted-quickstart" / "checkpoint_000000030").is_dir()
