@@ -36,7 +36,9 @@ Deviations, all deliberate:
   NAS-Bench-201 script had a human type the answer in). A reply that spells out several lists (e.g. one per stage)
   is therefore judged by its last list, and a wrong length is reported to the model as invalid.
 - The accuracy is always rounded to 2 decimals, also in the multi_turn variant (the NAS-Bench-201 script used 3).
-- Both variants end every request with the list-only suffix (the NAS-Bench-201 script asked for a rationale).
+- Every request ends with the list-only suffix of the benchmark scripts; `list_only: false` replaces it by a request
+  to end the answer with the list, so the spaces whose answer format asks for analysis first (NAS-Bench-201, the
+  ImageNet space, as in the paper's chats) get their rationale.
 - The experiment lines with a FLOPs window are compact, "Experiment k: [..], FLOPs XM, accuracy Y%", not the
   ImageNet chats' per-stage prose; the ImageNet chats' distilled "design principles" are not reproduced.
 - A trial that fails (error, no result, or no finite metric) is recorded as failed: its line says that training
@@ -85,6 +87,7 @@ LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 LOCAL_PLACEHOLDER_KEY = "no-key-needed-for-a-local-server"
 INTEGER_LIST = re.compile(r"\[\s*-?\d+(?:\s*,\s*-?\d+)*\s*\]")
 SUFFIX = "Please do not include anything other than the list in your response."
+REASONED_SUFFIX = "End your response with the list on its own line."  # list_only: false (NB201/ImageNet chats)
 STATE_VERSION = 1
 
 
@@ -125,7 +128,8 @@ class GeniusSearcher(Searcher):
                  model: str, base_url: str | None = None, temperature: float = 0.0, variant: str = "single_turn",
                  persona: str = "expert", max_retries: int = 5, api_key_env: str = "OPENAI_API_KEY",
                  flops: tuple[float, float] | None = None, accuracy_scale: float = 100.0, max_tokens: int | None = None,
-                 request_timeout: float = 120.0, log_dir: str | None = None, dataset_name: str = "CIFAR10"):
+                 request_timeout: float = 120.0, log_dir: str | None = None, dataset_name: str = "CIFAR10",
+                 list_only: bool = True):
         _check_choice("variant", variant, VARIANTS)
         _check_choice("persona", persona, tuple(PERSONAS))
         _check_mode(mode)
@@ -137,6 +141,7 @@ class GeniusSearcher(Searcher):
         self.api_key_env, self.accuracy_scale, self.max_tokens = api_key_env, accuracy_scale, max_tokens
         self.flops_window = tuple(flops) if flops is not None else space.flops_window
         self.request_timeout, self.dataset_name = request_timeout, dataset_name
+        self.suffix = SUFFIX if list_only else REASONED_SUFFIX
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self._client: Any = None
         self._history: list[dict[str, Any]] = []  # evaluated candidates: trial_id, code, accuracy (None: failed)
@@ -248,7 +253,7 @@ class GeniusSearcher(Searcher):
                          f"and undefined) must lie in [{low:g}, {high:g}] MFLOPs.")
         if self.variant == "single_turn" and self._history:
             parts.append(self._experiments())
-        return "\n\n".join(parts + [SUFFIX])
+        return "\n\n".join(parts + [self.suffix])
 
     def _experiments(self) -> str:
         lines = [self._experiment_line(number, entry) for number, entry in enumerate(self._history, start=1)]
@@ -273,7 +278,7 @@ class GeniusSearcher(Searcher):
         else:
             outcome = f"By using this model, we achieved an accuracy of {entry['accuracy']:.2f}%."
         return (f"{size}{outcome} Please recommend a new model that outperforms all prior architectures, based on "
-                f"the experiments above.\n\n{SUFFIX}")
+                f"the experiments above.\n\n{self.suffix}")
 
     # ------------------------------------------------------------------------------------------ one iteration
 
@@ -324,12 +329,12 @@ class GeniusSearcher(Searcher):
         except ValueError as exc:
             n = len(self.space.choices)
             raise Rejection("malformed", str(exc), f"Your reply does not contain a list of {n} integers in square "
-                                                   f"brackets, [x1, x2, ..., x{n}].\n\n{SUFFIX}") from None
+                                                   f"brackets, [x1, x2, ..., x{n}].\n\n{self.suffix}") from None
         try:
             code = self.space.from_answer(values)
         except InvalidArchitecture as exc:
             raise Rejection("invalid", str(exc), f"The list {values} is not a valid architecture: {exc}. Please "
-                                                 f"follow the required format.\n\n{SUFFIX}") from None
+                                                 f"follow the required format.\n\n{self.suffix}") from None
         self._check_new(code)
         self._check_budget(code)
         return code
@@ -346,9 +351,10 @@ class GeniusSearcher(Searcher):
                 same = "" if entry["code"] == code else f" is the same network as {self._listed(entry['code'])}, which"
                 outcome = "it failed to train" if entry["accuracy"] is None else f"accuracy {entry['accuracy']:.2f}%"
                 reason = f"duplicates experiment {number} ({entry['code']})"
-                raise Rejection("duplicate", reason, f"The list {self._listed(code)}{same} was already evaluated in "
-                                                     f"experiment {number} ({outcome}). Please suggest an "
-                                                     f"architecture that has not been tried yet.\n\n{SUFFIX}", code)
+                feedback = (f"The list {self._listed(code)}{same} was already evaluated in experiment {number} "
+                            f"({outcome}). Please suggest an architecture that has not been tried yet.\n\n"
+                            f"{self.suffix}")
+                raise Rejection("duplicate", reason, feedback, code)
 
     def _check_budget(self, code: str) -> None:
         if self.flops_window is None:
@@ -363,7 +369,7 @@ class GeniusSearcher(Searcher):
                         f"The design fails to meet the FLOPs constraint: it has {flops:.2f} MFLOPs, which is "
                         f"{gap:.2f} MFLOPs {side}. Please revise your design so that it maximizes the model's "
                         f"performance on {self.dataset_name} while meeting the FLOPs constraint "
-                        f"[{low:g}, {high:g}].\n\n{SUFFIX}", code)
+                        f"[{low:g}, {high:g}].\n\n{self.suffix}", code)
 
     def _record(self, attempt: int, reply: str, verdict: str, code: str | None, reason: str) -> int:
         """Append a candidate (candidates.jsonl); its index."""

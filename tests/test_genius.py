@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 from openai_server import FreshArchitecturePolicy, OpenAIServer, ScriptedPolicy
 
-from orchestrator.genius import PERSONAS, SUFFIX, GeniusError, GeniusSearcher
+from orchestrator.genius import PERSONAS, REASONED_SUFFIX, SUFFIX, GeniusError, GeniusSearcher
 from trainers.nas import get_space
 
 BENCHMARK = Path("/work/shared/data/nas-bench-macro_cifar10.json")
@@ -101,6 +101,15 @@ def test_prose_and_code_fences_around_the_list_are_tolerated(space, tmp_path: Pa
     with serving([reply]) as server:
         assert code_of(searcher_for(server, space, tmp_path).suggest("t0")) == "11111111"
     assert len(server.requests) == 1
+
+
+def test_reasoned_answers_end_with_the_list_when_asked(space, tmp_path: Path) -> None:
+    """list_only false: the NB201/ImageNet chats' analysis first, the list last; re-prompts keep that suffix."""
+    replies = ["Skip connections help gradients, so I keep them early.", "Wide blocks late:\n[1, 1, 1, 1, 2, 2, 2, 2]"]
+    with serving(replies) as server:
+        assert code_of(searcher_for(server, space, tmp_path, list_only=False).suggest("t0")) == "11112222"
+    first, retry = user_turns(server.requests[0])[-1], user_turns(server.requests[1])[-1]
+    assert first.endswith(REASONED_SUFFIX) and SUFFIX not in first and retry.endswith(REASONED_SUFFIX)
 
 
 def test_malformed_and_invalid_replies_are_answered_in_the_same_conversation(space, tmp_path: Path) -> None:
