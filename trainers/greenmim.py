@@ -83,6 +83,13 @@ TINY = Config(patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(1, 2), windo
 
 
 def check(cfg: Config) -> None:
+    check_swin(cfg)
+    if isinstance(cfg.group_size, int) and cfg.group_size <= 0:
+        raise ConfigError("group_size", "a positive int, 'optimal', 'fixed' or 'masking'", cfg.group_size)
+
+
+def check_swin(cfg: Any) -> None:
+    """The Swin sizes and mask ratio that GreenMIM and SimMIM share."""
     if len(cfg.num_heads) != len(cfg.depths):
         raise ConfigError("num_heads", f"one head count per stage ({len(cfg.depths)})", cfg.num_heads)
     for i, heads in enumerate(cfg.num_heads):
@@ -90,8 +97,6 @@ def check(cfg: Config) -> None:
             raise ConfigError("num_heads", "divisors of the stage widths embed_dim * 2**i", cfg.num_heads)
     if not 0 < cfg.mask_ratio < 1:
         raise ConfigError("mask_ratio", "a ratio in (0, 1)", cfg.mask_ratio)
-    if isinstance(cfg.group_size, int) and cfg.group_size <= 0:
-        raise ConfigError("group_size", "a positive int, 'optimal', 'fixed' or 'masking'", cfg.group_size)
 
 
 def mask_unit(cfg: Any) -> int:

@@ -39,7 +39,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
 from trainers import greenmim
-from trainers._common.contract import Batch, ConfigError, DataInfo, TrainerSpec
+from trainers._common.contract import Batch, DataInfo, TrainerSpec
 
 
 @dataclass
@@ -59,13 +59,6 @@ class Config:
 
 # 16-px digits (the contract tests): GreenMIM's TINY encoder.
 TINY = Config(patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)
-
-
-def check(cfg: Config) -> None:
-    if len(cfg.num_heads) != len(cfg.depths):
-        raise ConfigError("num_heads", f"one head count per stage ({len(cfg.depths)})", cfg.num_heads)
-    if not 0 < cfg.mask_ratio < 1:
-        raise ConfigError("mask_ratio", "a ratio in (0, 1)", cfg.mask_ratio)
 
 
 class SimMIM(nn.Module):
@@ -142,5 +135,5 @@ SPEC = TrainerSpec(
     train_step=train_step,
     eval_step=eval_step,
     param_groups=greenmim.param_groups,  # the official skip list: no decay on biases, norms, tables, mask token
-    check=check,
+    check=greenmim.check_swin,
 )
