@@ -43,12 +43,14 @@ def sweep_runs(client: MlflowClient, experiment: str) -> tuple[list, list]:
 @pytest.fixture(scope="module")
 def asha_sweep(ray_cluster, tmp_path_factory):
     """Four trials (two good learning rates, two hopeless ones) under ASHA; the sweep driver is killed once a
-    trial has ended, then the same command is run again."""
+    trial has ended, then the same command is run again. One trial at a time, in grid order: ASHA's decisions
+    then do not depend on which trial happens to reach a rung first (with two at a time a hopeless trial could
+    reach an empty rung and be let through)."""
     tmp_path = tmp_path_factory.mktemp("asha")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     path = write_sweep(tmp_path, "asha-digits", optim={"steps": 60}, tune={
         "report_every": 15, "space": {"optim.lr": {"grid": [0.1, 0.05, 0.0003, 0.0001]}},
-        "scheduler": {"name": "asha", "grace_period": 15, "reduction_factor": 2}})
+        "scheduler": {"name": "asha", "grace_period": 15, "reduction_factor": 2}, "max_concurrent_trials": 1})
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "MLFLOW_TRACKING_URI": uri}
     command = [sys.executable, "-m", "orchestrator", "sweep", str(path)]
     driver = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
