@@ -106,13 +106,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         outcome = launch(spec, str(args.file))
     except ray.train.TrainingFailedError as err:
-        hint = ("the loss diverged: running it again meets the same step; change `optim` or `config` and give a new "
-                "`name`, or resume the last good checkpoint" if "non-finite" in str(err) else
-                "run the same command again to resume it from its last checkpoint")
+        hint = _failure_hint(str(err))
         print(f"error: run {spec.name} failed: {err}\n{hint}", file=sys.stderr)
         return 1
     _print_outcome(outcome)
     return 0
+
+
+def _failure_hint(error: str) -> str:
+    if "non-finite" in error:
+        return ("the loss diverged: running it again meets the same step; change `optim` or `config` and give a new "
+                "`name`, or resume the last good checkpoint")
+    if "unreadable dataset file" in error:
+        return "repair or remove that file, then run the same command again to resume from the last checkpoint"
+    return "run the same command again to resume it from its last checkpoint"
 
 
 def cmd_search(args: argparse.Namespace) -> int:

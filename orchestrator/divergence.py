@@ -10,8 +10,8 @@ step: a rank's loss can go NaN a step before another's. So the run stops at most
 loss broke, and never writes a checkpoint after it.
 
 A NaN is deterministic: retrying from the last checkpoint would meet it again. `no_retry_callback` turns
-`NonFiniteLossError` into a Ray Train controller error, which Ray Train v2's failure policy does not retry
-(it retries worker errors up to `FailureConfig.max_failures`).
+`NonFiniteLossError` (and an unreadable dataset file's `DataFileError`) into a Ray Train controller error, which
+Ray Train v2's failure policy does not retry (it retries worker errors up to `FailureConfig.max_failures`).
 """
 
 from __future__ import annotations
@@ -89,16 +89,19 @@ def local_weights(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def no_retry_callback() -> Any:
-    """A Ray Train UserCallback (on the controller) that re-raises a worker's NonFiniteLossError: an error raised
-    by a controller callback becomes a ControllerError, which the default failure policy raises at once instead
-    of restarting the workers. Other worker errors are left to `FailureConfig.max_failures`. (Built here so that
+    """A Ray Train UserCallback (on the controller) that re-raises a worker's NonFiniteLossError or DataFileError
+    (an unreadable dataset file): errors a retry from the last checkpoint would meet again. An error raised by a
+    controller callback becomes a ControllerError, which the default failure policy raises at once instead of
+    restarting the workers. Other worker errors are left to `FailureConfig.max_failures`. (Built here so that
     importing this module needs no Ray.)"""
     from ray.train import UserCallback
 
-    class NoRetryOnNonFiniteLoss(UserCallback):
+    from orchestrator.data.sources import DataFileError
+
+    class NoRetryOnDeterministicErrors(UserCallback):
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             for error in worker_exceptions.values():
-                if isinstance(error, NonFiniteLossError):
+                if isinstance(error, (NonFiniteLossError, DataFileError)):
                     raise error
 
-    return NoRetryOnNonFiniteLoss()
+    return NoRetryOnDeterministicErrors()

@@ -253,8 +253,10 @@ def preflight(spec: ExperimentSpec, path: str | Path | None) -> None:
     or `validate`: a file may be meant for a cluster whose nodes have the data): the dataset directory, the
     method's own files (`TrainerSpec.check`, e.g. a benchmark table) and a search's credentials."""
     root = spec.data.root if spec.data is not None else None
-    if root and "://" not in root and not spec.data.download and not Path(root).expanduser().exists():
-        raise SpecError(path, "data.root", "an existing dataset directory (or data.download: true)", root)
+    if root and "://" not in root and not spec.data.download:
+        if not Path(root).expanduser().exists():
+            raise SpecError(path, "data.root", "an existing dataset directory (or data.download: true)", root)
+        _check_dataset_files(spec.data.model_copy(update={"root": str(Path(root).expanduser())}), path)
     if spec.trainer.check is not None:
         try:
             spec.trainer.check(spec.method_config())
@@ -264,6 +266,18 @@ def preflight(spec: ExperimentSpec, path: str | Path | None) -> None:
         from orchestrator.nas_search import preflight as search_preflight
 
         search_preflight(spec, path)
+
+
+def _check_dataset_files(data: DataSpec, path: str | Path | None) -> None:
+    from orchestrator.data.sources import DataFileError, check_files
+
+    try:
+        check_files(data)
+    except (FileNotFoundError, DataFileError) as err:
+        raise SpecError(path, "data.root", f"readable {data.dataset} files", Shown(str(err))) from None
+    except KeyError as err:  # "data.image_column: column 'img' not in FILE (columns: [...])"
+        key, _, found = str(err.args[0]).partition(": ")
+        raise SpecError(path, key, "a column of the Parquet files", Shown(found)) from None
 
 
 def to_yaml(spec: ExperimentSpec) -> str:

@@ -14,6 +14,7 @@ import torch
 import trainers.supervised as supervised
 from orchestrator import checkpoint as ckpt_io
 from orchestrator import spec as spec_mod
+from orchestrator.data.sources import DataFileError
 from orchestrator.divergence import LossGuard, NonFiniteLossError, no_retry_callback
 from orchestrator.launch import train_in_process
 
@@ -88,9 +89,10 @@ def test_a_metric_the_method_lists_is_watched_too(monkeypatch: pytest.MonkeyPatc
         train_in_process(quickstart("checkpoint.every=100", "log_every=5"), torch.device("cpu"))
 
 
-def test_the_error_survives_pickling_and_only_it_is_not_retried() -> None:
-    """Ray pickles a worker's error to the controller, where the callback re-raises it (a controller error,
-    which Ray Train does not retry); other errors are left to FailureConfig.max_failures."""
+def test_the_errors_survive_pickling_and_only_they_are_not_retried() -> None:
+    """Ray pickles a worker's error to the controller, where the callback re-raises a NaN stop or an unreadable
+    dataset file (a controller error, which Ray Train does not retry); other errors are left to
+    FailureConfig.max_failures."""
     error = NonFiniteLossError("loss", 7, "supervised", "run", (5, "/runs/run/checkpoint_000000005"))
     copy = pickle.loads(pickle.dumps(error))
     assert str(copy) == str(error) and copy.reason == "non-finite loss at step 7"
@@ -98,6 +100,9 @@ def test_the_error_survives_pickling_and_only_it_is_not_retried() -> None:
     callback.after_exception(None, {0: ValueError("a crash")})
     with pytest.raises(NonFiniteLossError):
         callback.after_exception(None, {0: ValueError("collateral"), 1: copy})
+    unreadable = pickle.loads(pickle.dumps(DataFileError("/data/train/dog/1.png", "not a readable image")))
+    with pytest.raises(DataFileError, match="unreadable dataset file /data/train/dog/1.png: not a readable image"):
+        callback.after_exception(None, {1: unreadable})
 
 
 def _two_ranks(rank: int, init_file: str, results: str) -> None:

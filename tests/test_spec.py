@@ -14,6 +14,7 @@ from orchestrator import spec as spec_mod
 from orchestrator.cli import main
 from orchestrator.spec import SpecError
 from trainers import TRAINERS
+from trainers._common.backbones import check_arch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,9 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").rglob("*.yaml")))
 def test_every_shipped_experiment_is_valid(path: str) -> None:
     spec = spec_mod.load(REPO / path)
-    assert spec.method_config() is not None
+    cfg = spec.method_config()
+    if isinstance(getattr(cfg, "arch", None), str):
+        check_arch(cfg.arch)
 
 
 def test_defaults_and_method_config(tmp_path: Path) -> None:

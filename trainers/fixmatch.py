@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainers import supervised
-from trainers._common.backbones import build_backbone
+from trainers._common.backbones import build_backbone, check_config_arch
 from trainers._common.contract import Batch, DataInfo, TrainerSpec
 from trainers._common.ema import ema_update, make_teacher
 
@@ -136,4 +136,5 @@ SPEC = TrainerSpec(
     train_step=train_step,
     eval_step=eval_step,
     on_step_end=on_step_end,
+    check=check_config_arch,
 )

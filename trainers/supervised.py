@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers._common.backbones import Classifier, build_backbone
+from trainers._common.backbones import Classifier, build_backbone, check_arch
 from trainers._common.contract import Batch, ConfigError, DataInfo, TrainerSpec
 
 
@@ -51,6 +51,7 @@ def _model_file(init_from: str) -> Path:
 
 
 def check(cfg: Config) -> None:
+    check_arch(cfg.arch)
     if cfg.init_from and not _model_file(cfg.init_from).is_file():
         raise ConfigError("init_from", "a checkpoint directory holding model.pt, or a model.pt file", cfg.init_from)
 

@@ -28,6 +28,19 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 STL10_MEAN, STL10_STD = (0.4408, 0.4279, 0.3867), (0.2682, 0.2610, 0.2686)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+STL10_IMAGE_BYTES = 3 * 96 * 96
+
+
+class DataFileError(RuntimeError):
+    """A dataset file that exists but cannot be read as its format says: `path` and what is wrong with it.
+    Deterministic, so a run that meets one is not retried (orchestrator/divergence.py `no_retry_callback`)."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"unreadable dataset file {self.path}: {problem}")
+
+    def __reduce__(self) -> tuple:  # Ray pickles worker errors: rebuild from the fields
+        return type(self), (self.path, self.problem)
 
 
 class Images(Protocol):
@@ -76,6 +89,26 @@ def load_source(spec: DataSpec) -> Source:
     return loaders[spec.dataset](spec)
 
 
+def check_files(spec: DataSpec) -> None:
+    """Before Ray starts: the dataset's files are there and readable as their format says, at a cost far below
+    loading them (CIFAR's batches are unpickled; STL-10 sizes, Parquet footers, and the first image of each
+    image-folder split are checked). A file that breaks later, e.g. a corrupt JPEG deep in ImageNet, raises
+    DataFileError naming it when a worker reads it. Raises FileNotFoundError, DataFileError or KeyError."""
+    if spec.download or spec.dataset in ("digits", "synthetic", "text"):
+        return
+    if spec.dataset in CIFAR_LAYOUTS:
+        layout = CIFAR_LAYOUTS[spec.dataset]
+        for name in layout.train_files + layout.test_files:
+            _cifar_batch(_existing(Path(spec.root) / layout.folder / name), layout.label_key)
+    elif spec.dataset == "stl10":
+        load_source(spec)
+    elif spec.dataset == "imagefolder":
+        _check_image_folders(Path(spec.root))
+    elif spec.dataset == "parquet":
+        _parquet_files(spec, "train")
+        _parquet_files(spec, "test")
+
+
 # ---------------------------------------------------------------------------------------------- image stores
 
 
@@ -97,7 +130,7 @@ class Stl10Binary:
 
     def __init__(self, path: Path):
         self.path = path
-        self.length = path.stat().st_size // (3 * 96 * 96)
+        self.length = path.stat().st_size // STL10_IMAGE_BYTES
         self._array: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -122,22 +155,30 @@ class FileImages:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.paths[i]) as image:
-            return pil_to_tensor(image.convert("RGB"))
+        return _decode(self.paths[i], self.paths[i])
 
 
 class EncodedImages:
-    """Encoded PNG/JPEG bytes (a pyarrow binary array) decoded with PIL when an item is read."""
+    """Encoded PNG/JPEG bytes (a pyarrow binary array) decoded with PIL when an item is read; `files` names
+    where they came from, for errors."""
 
-    def __init__(self, values: pa.Array):
-        self.values = values
+    def __init__(self, values: pa.Array, files: str = "<memory>"):
+        self.values, self.files = values, files
 
     def __len__(self) -> int:
         return len(self.values)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(io.BytesIO(self.values[i].as_py())) as image:
+        return _decode(io.BytesIO(self.values[i].as_py()), f"{self.files} (row {i})")
+
+
+def _decode(file: Path | io.BytesIO, name: str | Path) -> torch.Tensor:
+    """One image file or buffer as uint8 (3,H,W); a corrupt or truncated one raises DataFileError naming it."""
+    try:
+        with Image.open(file) as image:
             return pil_to_tensor(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for unknown formats and truncated data
+        raise DataFileError(name, f"not a readable image ({type(err).__name__}: {err})") from None
 
 
 class ConcatImages:
@@ -232,11 +273,26 @@ def _cifar_batches(paths: list[Path], label_key: str) -> tuple[torch.Tensor, np.
     """Images uint8 (N,3,32,32) and labels (N,) from CIFAR pickle batches (dicts with `data` (N,3072) and labels)."""
     images, labels = [], []
     for path in paths:
-        with open(_existing(path), "rb") as f:
-            batch = {_text(key): value for key, value in pickle.load(f, encoding="bytes").items()}
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        data, batch_labels = _cifar_batch(_existing(path), label_key)
+        images.append(data)
+        labels.append(batch_labels)
     return torch.from_numpy(np.concatenate(images)), np.concatenate(labels)
+
+
+def _cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file: images uint8 (N,3,32,32), labels (N,); DataFileError when it is not such a pickle."""
+    try:
+        with open(path, "rb") as f:
+            batch = {_text(key): value for key, value in pickle.load(f, encoding="bytes").items()}
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, ImportError) as err:
+        raise DataFileError(path, f"not a CIFAR python batch ({type(err).__name__}: {err})") from None
+    if "data" not in batch or label_key not in batch:
+        raise DataFileError(path, f"a CIFAR batch needs the keys 'data' and {label_key!r}, found {sorted(batch)}")
+    data, labels = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch[label_key], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise DataFileError(path, f"'data' must be (N, 3072) with N labels, found {data.shape} and {len(labels)} "
+                            "labels")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def _text(key: str | bytes) -> str:
@@ -250,13 +306,30 @@ def _stl10(spec: DataSpec) -> Source:
 
         torchvision.datasets.STL10(spec.root, split="train+unlabeled", download=True)
     root = Path(spec.root) / "stl10_binary"
-    train_labels = np.fromfile(_existing(root / "train_y.bin"), dtype=np.uint8).astype(np.int64) - 1
-    test_labels = np.fromfile(_existing(root / "test_y.bin"), dtype=np.uint8).astype(np.int64) - 1
+    train, train_labels = _stl10_split(root, "train")
+    test, test_labels = _stl10_split(root, "test")
     return Source(
-        Stl10Binary(_existing(root / "train_X.bin")), train_labels, Stl10Binary(_existing(root / "test_X.bin")),
-        test_labels, num_classes=10, in_channels=3, default_size=96, mean=STL10_MEAN, std=STL10_STD,
-        extra_unlabeled=Stl10Binary(_existing(root / "unlabeled_X.bin")),
+        train, train_labels, test, test_labels, num_classes=10, in_channels=3, default_size=96, mean=STL10_MEAN,
+        std=STL10_STD, extra_unlabeled=_stl10_images(root / "unlabeled_X.bin"),
     )
+
+
+def _stl10_split(root: Path, split: str) -> tuple[Stl10Binary, np.ndarray]:
+    images = _stl10_images(root / f"{split}_X.bin")
+    labels_path = _existing(root / f"{split}_y.bin")
+    labels = np.fromfile(labels_path, dtype=np.uint8).astype(np.int64) - 1
+    if len(labels) != len(images) or not ((labels >= 0) & (labels < 10)).all():
+        values = sorted(set((labels + 1).tolist()))[:12]
+        raise DataFileError(labels_path, f"expected {len(images)} labels in 1..10 (one per image of {split}_X.bin), "
+                            f"found {len(labels)} with values {values}")
+    return images, labels
+
+
+def _stl10_images(path: Path) -> Stl10Binary:
+    size = _existing(path).stat().st_size
+    if size % STL10_IMAGE_BYTES:
+        raise DataFileError(path, f"{size} bytes is not a whole number of 3x96x96 images (truncated?)")
+    return Stl10Binary(path)
 
 
 def _existing(path: Path) -> Path:
@@ -288,6 +361,19 @@ def _imagefolder(spec: DataSpec) -> Source:
     )
 
 
+def _check_image_folders(root: Path) -> None:
+    """train/ and val/ (or test/) exist, train/ has class folders, and the first image of each split decodes."""
+    test_dir = next((root / name for name in ("val", "test") if (root / name).is_dir()), root / "val")
+    for folder in (root / "train", test_dir):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} not found: data.root must hold train/ and val/ (or test/) folders")
+        first = next((p for d in sorted(folder.iterdir()) if d.is_dir() for p in sorted(d.rglob("*"))
+                      if p.suffix.lower() in IMAGE_SUFFIXES), None)
+        if first is None:
+            raise FileNotFoundError(f"{folder} has no class folder with images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        _decode(first, first)
+
+
 def _scan(folder: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
     paths, labels = [], []
     for label, name in enumerate(classes):
@@ -312,14 +398,32 @@ def _parquet(spec: DataSpec) -> Source:
 
 
 def _parquet_split(spec: DataSpec, split: str) -> tuple[EncodedImages, np.ndarray]:
-    root = Path(spec.root)
-    files = sorted((root / split).glob("*.parquet")) or [_existing(root / f"{split}.parquet")]
-    names = pq.read_schema(files[0]).names
-    for key, column in (("image_column", spec.image_column), ("label_column", spec.label_column)):
-        if column not in names:
-            raise KeyError(f"data.{key}: column {column!r} not in {files[0]} (columns: {names})")
-    table = pa.concat_tables(pq.read_table(f, columns=[spec.image_column, spec.label_column]) for f in files)
+    files = _parquet_files(spec, split)
+    table = pa.concat_tables(_read_parquet(f, [spec.image_column, spec.label_column]) for f in files)
     images = table.column(spec.image_column).combine_chunks()
     if pa.types.is_struct(images.type):
         images = images.field("bytes")
-    return EncodedImages(images), table.column(spec.label_column).to_numpy().astype(np.int64)
+    where = str(files[0]) if len(files) == 1 else f"{files[0].parent}/*.parquet"
+    return EncodedImages(images, where), table.column(spec.label_column).to_numpy().astype(np.int64)
+
+
+def _parquet_files(spec: DataSpec, split: str) -> list[Path]:
+    """The split's shards, each with a readable footer and both columns (reads metadata only)."""
+    root = Path(spec.root)
+    files = sorted((root / split).glob("*.parquet")) or [_existing(root / f"{split}.parquet")]
+    for file in files:
+        try:
+            names = pq.read_schema(file).names
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataFileError(file, f"not a Parquet file ({err})") from None
+        for key, column in (("image_column", spec.image_column), ("label_column", spec.label_column)):
+            if column not in names:
+                raise KeyError(f"data.{key}: column {column!r} not in {file} (columns: {names})")
+    return files
+
+
+def _read_parquet(file: Path, columns: list[str]) -> pa.Table:
+    try:
+        return pq.read_table(file, columns=columns)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataFileError(file, f"its data cannot be read ({err})") from None

@@ -6,9 +6,14 @@ Every backbone is a `Classifier`: `features(x) -> (B, D)` pooled features, `head
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from trainers._common.contract import ConfigError
 
 
 class Classifier(nn.Module):
@@ -109,3 +114,31 @@ def build_backbone(arch: str, in_channels: int, num_classes: int, drop_rate: flo
         depth, widen = (int(v) for v in arch.removeprefix("wrn").split("_"))
         return wide_resnet(depth, widen, in_channels, num_classes, drop_rate)
     return timm_backbone(arch, in_channels, num_classes, drop_rate)
+
+
+def check_arch(arch: str) -> None:
+    """ConfigError on `arch` unless `build_backbone` knows it; checked without building anything."""
+    if ":" in arch:
+        from trainers.nas import InvalidArchitecture, parse_arch_value
+
+        try:
+            parse_arch_value(arch)
+        except (KeyError, InvalidArchitecture) as err:
+            raise ConfigError("arch", f"an architecture <space>:<code> of a known search space ({err.args[0]})",
+                              arch) from None
+        return
+    wrn = re.fullmatch(r"wrn(\d+)_(\d+)", arch)
+    if wrn and (int(wrn[1]) < 10 or int(wrn[2]) < 1):
+        raise ConfigError("arch", "wrn<depth>_<widen> with depth >= 10 (3 groups of (depth - 4) // 6 blocks) and "
+                          "widen >= 1", arch)
+    if arch != "small_cnn" and not wrn:
+        import timm
+
+        if not timm.is_model(arch):
+            raise ConfigError("arch", "small_cnn, wrn<depth>_<widen>, <space>:<code> (trainers/nas) or a timm "
+                              "model name", arch)
+
+
+def check_config_arch(cfg: Any) -> None:
+    """`TrainerSpec.check` of the methods whose Config names its backbone in `arch`."""
+    check_arch(cfg.arch)
