@@ -95,7 +95,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    spec = spec_mod.load(args.file, args.overrides)
+    from orchestrator import references
+
+    spec = references.resolve(spec_mod.load(args.file, args.overrides), args.file)
     spec_mod.preflight(spec, args.file)
     log.info("%s", _summary(spec))
     import ray.train
@@ -137,6 +139,9 @@ def cmd_sweep(args: argparse.Namespace, spec: ExperimentSpec | None = None) -> i
     if spec.tune is None:
         raise SpecError(args.file, "tune", "a `tune:` block (metric, mode, space, ...) for `orchestrator sweep`",
                         None)
+    from orchestrator import references
+
+    spec = references.resolve(spec, args.file)
     spec_mod.preflight(spec, args.file)
     log.info("sweep of %s", _summary(spec))
     from ray.tune import TuneError

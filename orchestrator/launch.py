@@ -134,8 +134,8 @@ def open_mlflow_run(tracker: Any, spec: ExperimentSpec, run_dir: RunDir, spec_fi
 
     dataset = spec.data.dataset if spec.data is not None else "none"
     tags = tracking.run_tags(spec.method, spec.trainer.paper, dataset, spec_file, spec.tracking.tags)
-    run_id, resumed = tracker.open_run(run_dir, spec.tracking.experiment or spec.method, {**tags, **(extra_tags or {})},
-                                       run_name)
+    tags = {**tags, "run_dir": str(run_dir), **(extra_tags or {})}  # run_dir: where `mlflow:<run_id>` finds it
+    run_id, resumed = tracker.open_run(run_dir, spec.tracking.experiment or spec.method, tags, run_name)
     if not resumed:
         params = tracking.flatten({k: v for k, v in spec.model_dump(mode="json").items() if k != "config"})
         params.update(tracking.flatten(_asdict(spec.method_config()), "config."))

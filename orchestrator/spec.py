@@ -62,7 +62,8 @@ class DataSpec(_Strict):
     labeled_fraction: float | None = Field(default=None, gt=0, le=1)
     imbalance_factor: float | None = Field(default=None, ge=1)  # long tail: n_c = n_max * IF ** (-c / (C - 1))
     # None: the method's views
-    views: Literal["plain", "weak_strong", "weak_strong_multicrop", "two_crop", "multi_crop", "tokens"] | None = None
+    views: Literal["plain", "weak_strong", "weak_strong_multicrop", "two_crop", "weak_contrastive", "byol_two_crop",
+                   "multi_crop", "tokens"] | None = None
     unlabeled_ratio: int = Field(default=7, gt=0)  # mu: unlabeled images per labeled one (weak_strong*)
     num_local_crops: int = Field(default=6, ge=0)  # multi_crop, weak_strong_multicrop
     loader_workers: int = Field(default=2, ge=0)

@@ -125,6 +125,8 @@ EXPECTED_ITEMS = {
         "idx_ulb": (3,),
     },
     "two_crop": {"x1": (3, 32, 32), "x2": (3, 32, 32), "y": (), "idx": ()},
+    "byol_two_crop": {"x1": (3, 32, 32), "x2": (3, 32, 32), "y": (), "idx": ()},
+    "weak_contrastive": {"x1": (3, 32, 32), "x2": (3, 32, 32), "y": (), "idx": (), "x_local": (4, 3, 14, 14)},
     "multi_crop": {"x_global": (2, 3, 32, 32), "x_local": (4, 3, 14, 14), "y": (), "idx": ()},
 }
 
@@ -143,11 +145,22 @@ def test_view_items(views):
     assert test_item["x"].shape == (3, 32, 32) and test_item["y"].dtype == test_item["idx"].dtype == torch.int64
 
 
-@pytest.mark.parametrize("views", ["weak_strong", "weak_strong_multicrop", "two_crop", "multi_crop"])
+@pytest.mark.parametrize("views", ["weak_strong", "weak_strong_multicrop", "two_crop", "byol_two_crop",
+                                   "weak_contrastive", "multi_crop"])
 def test_views_on_one_channel_images(views):
     spec = DataSpec(dataset="digits", image_size=16, labeled_per_class=2, unlabeled_ratio=2, num_local_crops=2)
     item = build_data(spec, seed=0, views=views).train[0]
     assert all(value.shape[-3:] in ((1, 16, 16), (1, 8, 8)) for value in item.values() if value.is_floating_point())
+
+
+def test_weak_contrastive_pairs_a_weak_crop_with_a_contrastive_view():
+    """ReSSL's teacher view is crop + flip only (no jitter, no grayscale); the student's view has the jitter."""
+    bundle = build_data(DataSpec(**SMALL_SYNTHETIC, num_local_crops=0), seed=0, views="weak_contrastive")
+    item = bundle.train[0]
+    assert set(item) == {"x1", "x2", "y", "idx"}  # no local crops asked for
+    weak, strong = bundle.train.view1, bundle.train.view2
+    assert not any("ColorJitter" in repr(t) or "Grayscale" in repr(t) for t in weak.transforms)
+    assert any("ColorJitter" in repr(t) for t in strong.transforms)
 
 
 def test_multi_crop_without_local_crops():

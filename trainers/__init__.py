@@ -18,6 +18,7 @@ TRAINERS: dict[str, str] = {
     "nas_bench": "trainers.nas_bench",
     "greenmim": "trainers.greenmim",
     "simmim": "trainers.simmim",
+    "linear_probe": "trainers.linear_probe",
 }
 
 

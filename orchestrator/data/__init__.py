@@ -27,7 +27,8 @@ from orchestrator.data.views import MultiCropView, PlainView, Pool, TwoCropView,
 from orchestrator.spec import DataSpec
 from trainers._common.contract import DataInfo
 
-VIEWS = ("plain", "weak_strong", "weak_strong_multicrop", "two_crop", "multi_crop", "tokens")
+VIEWS = ("plain", "weak_strong", "weak_strong_multicrop", "two_crop", "weak_contrastive", "byol_two_crop", "multi_crop",
+         "tokens")
 TEXT_CACHE = Path("~/.cache/lab-orchestrator/text")
 
 
@@ -132,10 +133,27 @@ def _train_view(
     pool = labeled if unlabeled is None else unlabeled  # self-supervised views ignore labels: the whole pool
     if views == "two_crop":
         return TwoCropView(pool, transforms.contrastive(source, size, scale=(0.2, 1.0)))
+    if views == "byol_two_crop":
+        return TwoCropView(pool, transforms.contrastive(source, size, scale=(0.2, 1.0), blur=1.0),
+                           transforms.contrastive(source, size, scale=(0.2, 1.0), blur=0.1, solarize=0.2))
+    if views == "weak_contrastive":
+        return _weak_contrastive(spec, source, size, local_size, pool)
     global_view = transforms.contrastive(source, size, scale=(0.14, 1.0))
     local_view = transforms.contrastive(source, local_size, scale=(0.05, 0.14))
     local_shape = (source.in_channels, local_size, local_size)
     return MultiCropView(pool, global_view, local_view, spec.num_local_crops, local_shape)
+
+
+def _weak_contrastive(spec: DataSpec, source: Source, size: int, local_size: int, pool: Pool) -> TwoCropView:
+    """ReSSL: x1 the teacher's weak view (resized crop 0.2-1 + flip), x2 the student's MoCo-v2 view (crop 0.2-1,
+    jitter 0.4/0.4/0.4/0.1 p 0.8, grayscale 0.2, blur 0.5), and `num_local_crops` smaller student crops
+    "x_local" (the official multi-crop uses sizes 192/160/128/96 of 224; here all take 96/224 of full size, scale
+    0.086-0.429, as the smallest does)."""
+    weak = transforms.resized_crop(source, size, scale=(0.2, 1.0))
+    strong = transforms.contrastive(source, size, scale=(0.2, 1.0))
+    local = transforms.contrastive(source, local_size, scale=(0.086, 0.429))
+    return TwoCropView(pool, weak, strong, local if spec.num_local_crops else None, spec.num_local_crops,
+                       (source.in_channels, local_size, local_size))
 
 
 def _weak_strong_multicrop(

@@ -27,13 +27,23 @@ def strong(source: Source, size: int) -> v2.Compose:
     return v2.Compose([*_weak_ops(source, size), randaugment, *_normalize(source), Cutout(max(1, size // 2))])
 
 
+def resized_crop(source: Source, size: int, scale: tuple[float, float]) -> v2.Compose:
+    """Random resized crop + flip only: ReSSL's weak teacher view (scale 0.2-1)."""
+    ops: list = [v2.RandomResizedCrop(size, scale=scale, antialias=True)]
+    if source.hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose([*ops, *_normalize(source)])
+
+
 def contrastive(
-    source: Source, size: int, scale: tuple[float, float], saturation: float = 0.4, solarize: float = 0.0
+    source: Source, size: int, scale: tuple[float, float], saturation: float = 0.4, solarize: float = 0.0,
+    blur: float = 0.5,
 ) -> v2.Compose:
     """SimCLR/BYOL/DINO-style view: resized crop, flip, colour jitter, grayscale, blur (for size >= 96).
 
-    `saturation` is the jitter's saturation strength; `solarize` the probability of solarizing (RGB only).
-    SimMatchV2's strong crops use saturation 0.2 and solarize 0.1 (its DINO-style `get_dino_aug`).
+    `saturation` is the jitter's saturation strength; `solarize` the probability of solarizing (RGB only);
+    `blur` the probability of the Gaussian blur. SimMatchV2's strong crops use saturation 0.2 and solarize 0.1
+    (its DINO-style `get_dino_aug`); BYOL's two views use blur 1.0 / 0.1 and solarize 0 / 0.2.
     """
     ops: list = [v2.RandomResizedCrop(size, scale=scale, antialias=True)]
     if source.hflip:
@@ -45,7 +55,7 @@ def contrastive(
         ops.append(v2.RandomGrayscale(p=0.2))
     if size >= 96:
         kernel = int(0.1 * size) // 2 * 2 + 1  # odd, about 10% of the image (SimCLR)
-        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5))
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur))
     if rgb and solarize > 0:
         ops.append(v2.RandomSolarize(threshold=128, p=solarize))  # on uint8, as PIL's ImageOps.solarize
     return v2.Compose([*ops, *_normalize(source)])

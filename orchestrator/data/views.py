@@ -106,17 +106,29 @@ class WeakStrongView(Dataset):
 
 
 class TwoCropView(Dataset):
-    """{"x1": (C,S,S), "x2": (C,S,S), "y", "idx"}: two independent views of one image (SimCLR, MoCo, BYOL)."""
+    """{"x1": (C,S,S), "x2": (C,S,S), "y", "idx"}: two views of one image (SimCLR, MoCo, BYOL, WCL, LEWEL).
 
-    def __init__(self, pool: Pool, view: Transform):
-        self.pool, self.view = pool, view
+    `view2` defaults to `view1` (two draws of one pipeline); asymmetric pairs give each side its own pipeline:
+    "weak_contrastive" (ReSSL: x1 the teacher's weak crop, x2 the student's contrastive view) and "byol_two_crop".
+    With `local`, `num_local` extra small crops follow: "x_local": (k,C,s,s) (ReSSL's multi-crop students).
+    """
+
+    def __init__(self, pool: Pool, view1: Transform, view2: Transform | None = None, local: Transform | None = None,
+                 num_local: int = 0, local_shape: tuple = ()):
+        self.pool, self.view1, self.view2 = pool, view1, view2 or view1
+        self.local, self.num_local, self.local_shape = local, num_local, local_shape
 
     def __len__(self) -> int:
         return len(self.pool)
 
     def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
         image = self.pool.image(j)
-        return {"x1": self.view(image), "x2": self.view(image), "y": _scalar(self.pool.labels[j]), "idx": _scalar(j)}
+        item = {"x1": self.view1(image), "x2": self.view2(image), "y": _scalar(self.pool.labels[j]),
+                "idx": _scalar(j)}
+        if self.local is not None:
+            crops = [self.local(image) for _ in range(self.num_local)]
+            item["x_local"] = torch.stack(crops) if crops else torch.zeros((0, *self.local_shape))
+        return item
 
     def set_epoch(self, epoch: int) -> None:
         """Nothing here depends on the epoch."""

@@ -1,0 +1,101 @@
+"""Self-supervised representations on digits: ReSSL, WCL and LEWEL pre-trained with the same budget, judged by a
+linear probe and kNN on the frozen encoder, against a randomly initialised encoder of the same architecture, several
+seeds. Measures, does not assert.
+
+    .venv/bin/python benchmarks/selfsup_digits.py [--seeds 0 1 2] [--methods ressl wcl lewel]
+
+Each method runs its shipped file (experiments/<method>/digits.yaml) through the orchestrator's step loop in this
+process (no Ray, one rank); its last checkpoint is then evaluated by the shipped probe file
+(experiments/linear_probe/digits.yaml, `init_from` set to that checkpoint), and the random baseline is the same
+probe file with `init_from` empty and the same seed. Writes benchmarks/results/selfsup_digits.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from orchestrator import spec as spec_mod
+from orchestrator.launch import train_in_process
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("ressl", "wcl", "lewel")
+PROBE = REPO / "experiments" / "linear_probe" / "digits.yaml"
+SAME_BUDGET = ("optim.steps", "optim.batch_size", "data.dataset", "data.image_size", "config.arch")
+ONE_PROCESS = ["resources.workers=1", "eval.every=null"]
+
+
+def pretrain(method: str, seed: int, root: Path) -> tuple[Path, float]:
+    """The method's digits file, seeded; returns its final checkpoint and the seconds it took."""
+    spec = spec_mod.load(REPO / "experiments" / method / "digits.yaml", [f"seed={seed}", *ONE_PROCESS])
+    started = time.perf_counter()
+    train_in_process(spec, torch.device("cpu"), checkpoint_root=root)
+    return root / f"checkpoint_{spec.optim.steps:09d}", time.perf_counter() - started
+
+
+def probe(init_from: str, seed: int) -> dict[str, float]:
+    spec = spec_mod.load(PROBE, [f"seed={seed}", f"config.init_from={init_from}", *ONE_PROCESS,
+                                 "checkpoint.every=1000000"])
+    metrics = train_in_process(spec, torch.device("cpu"))
+    return {"linear": metrics["eval/acc"], "knn": metrics["eval/knn_acc"]}
+
+
+def check_same_budget(methods: list[str]) -> None:
+    dumps = {m: spec_mod.load(REPO / "experiments" / m / "digits.yaml").model_dump() for m in methods}
+    for dotted in SAME_BUDGET:
+        values = {m: _get(d, dotted) for m, d in dumps.items()}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            raise SystemExit(f"not the same budget: {dotted} differs: {values}")
+
+
+def _get(tree: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _cell(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {std:.3f} ({', '.join(f'{v:.3f}' for v in values)})"
+
+
+def table(results: dict[str, list[dict[str, float]]]) -> str:
+    lines = ["| encoder | linear probe (mean ± std, per seed) | kNN k=20 (mean ± std, per seed) | pre-training s |",
+             "|---|---|---|---|"]
+    for name, runs in results.items():
+        seconds = statistics.mean(r.get("seconds", 0.0) for r in runs)
+        lines.append(f"| {name} | {_cell([r['linear'] for r in runs])} | {_cell([r['knn'] for r in runs])} | "
+                     f"{seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "selfsup_digits"))
+    args = parser.parse_args()
+    check_same_budget(args.methods)
+
+    results: dict[str, list[dict[str, float]]] = {"random init": [], **{m: [] for m in args.methods}}
+    for seed in args.seeds:
+        results["random init"].append(probe("", seed))
+        for method in args.methods:
+            with tempfile.TemporaryDirectory() as root:
+                checkpoint, seconds = pretrain(method, seed, Path(root))
+                results[method].append({**probe(str(checkpoint), seed), "seconds": seconds})
+            print(f"seed {seed} {method}: {results[method][-1]}", flush=True)
+    text = table(results)
+    print(text)
+    Path(f"{args.out}.md").write_text(text + "\n")
+    Path(f"{args.out}.json").write_text(json.dumps({"seeds": args.seeds, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
