@@ -40,7 +40,7 @@ def pretrain(method: str, seed: int, root: Path) -> tuple[Path, float]:
 
 
 def probe(init_from: str, seed: int) -> dict[str, float]:
-    spec = spec_mod.load(PROBE, [f"seed={seed}", f"config.init_from={init_from}", *ONE_PROCESS,
+    spec = spec_mod.load(PROBE, [f"seed={seed}", f'config.init_from="{init_from}"', *ONE_PROCESS,
                                  "checkpoint.every=1000000"])
     metrics = train_in_process(spec, torch.device("cpu"))
     return {"linear": metrics["eval/acc"], "knn": metrics["eval/knn_acc"]}

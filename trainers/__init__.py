@@ -18,6 +18,9 @@ TRAINERS: dict[str, str] = {
     "nas_bench": "trainers.nas_bench",
     "greenmim": "trainers.greenmim",
     "simmim": "trainers.simmim",
+    "ressl": "trainers.ressl",
+    "wcl": "trainers.wcl",
+    "lewel": "trainers.lewel",
     "linear_probe": "trainers.linear_probe",
 }
 

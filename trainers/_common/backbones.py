@@ -116,6 +116,42 @@ def build_backbone(arch: str, in_channels: int, num_classes: int, drop_rate: flo
     return timm_backbone(arch, in_channels, num_classes, drop_rate)
 
 
+def feature_map(backbone: Classifier, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's spatial map before global pooling: (B, C, H, W) -> (B, D, h, w); average-pooled it is
+    `backbone.features(x)` (in eval mode, or without dropout).
+
+    Sequential encoders (small_cnn, WRN, the NAS-Bench and Channel-Bench spaces) run every layer before their
+    AdaptiveAvgPool2d, which only Flatten, Dropout or Identity may follow. timm backbones return `forward_features`,
+    which must be an NCHW map of `num_features` channels (ResNets; not ViTs, nor Swin's NHWC maps). A timm head that
+    normalises after pooling (ConvNeXt) makes the pooled map differ from `features()`.
+    """
+    encoder = backbone.encoder
+    if isinstance(encoder, _TimmEncoder):
+        return _timm_feature_map(encoder.model, x)
+    if isinstance(encoder, nn.Sequential):
+        return encoder[:_pool_index(encoder)](x)
+    raise ValueError(f"feature_map: no spatial map for encoder {type(encoder).__name__}")
+
+
+def _pool_index(encoder: nn.Sequential) -> int:
+    """Position of the encoder's global AdaptiveAvgPool2d, checked to be followed by shape-only layers."""
+    pools = [i for i, layer in enumerate(encoder) if isinstance(layer, nn.AdaptiveAvgPool2d)]
+    shape_only = (nn.Flatten, nn.Dropout, nn.Identity)
+    if not pools or not all(isinstance(layer, shape_only) for layer in encoder[pools[-1] + 1:]):
+        raise ValueError("feature_map: the encoder must end in AdaptiveAvgPool2d followed only by Flatten/Dropout/"
+                         "Identity, so that its spatial map pools to its features")
+    return pools[-1]
+
+
+def _timm_feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model.forward_features(x)
+    if getattr(model, "output_fmt", "NCHW") != "NCHW" or out.ndim != 4 or out.size(1) != model.num_features:
+        raise ValueError(f"feature_map: timm model {type(model).__name__} gives features of shape "
+                         f"{tuple(out.shape)}, not an NCHW map of {model.num_features} channels (use a CNN such "
+                         "as resnet50)")
+    return out
+
+
 def check_arch(arch: str) -> None:
     """ConfigError on `arch` unless `build_backbone` knows it; checked without building anything."""
     if ":" in arch:
