@@ -52,10 +52,9 @@ def test_nt_xent_by_hand():
 def test_instance_loss_matches_the_official_indexing():
     """Self columns removed and targets b-1..2b-2, 0..b-1, as network/wcl.py writes it (one process)."""
     torch.manual_seed(0)
-    model = wcl.build(wcl.TINY, trainers.DataInfo(10, 16, 1, 40, 40))
-    h1, h2 = torch.randn(5, 128), torch.randn(5, 128)
-    loss, _ = wcl._instance_loss(model, h1, h2, torch.arange(5), tau=0.1)
-    z = torch.cat([wcl._embed(model.g, h1), wcl._embed(model.g, h2)])  # (10, out)
+    z1, z2 = F.normalize(torch.randn(5, 8), dim=1), F.normalize(torch.randn(5, 8), dim=1)
+    loss, _ = wcl.instance_loss((z1, z2), torch.arange(5), tau=0.1)
+    z = torch.cat([z1, z2])  # (10, 8)
     prob = z @ z.T / 0.1
     logits = prob[~torch.eye(10, dtype=torch.bool)].view(10, 9)
     labels = torch.cat([torch.arange(4, 9), torch.arange(0, 5)])
@@ -158,10 +157,9 @@ def test_train_step_as_rank_1_of_a_simulated_world(monkeypatch: pytest.MonkeyPat
     loss, _ = wcl.train_step(model, batch, wcl.TINY, 0)
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
-    h1, h2 = torch.randn(4, 128), torch.randn(4, 128)
-    loss_nce, _ = wcl._instance_loss(model, h1, h2, 4 + torch.arange(4), tau=0.1)
-    z1, z2 = wcl._embed(model.g, h1), wcl._embed(model.g, h2)
-    keys = torch.cat([z1.roll(1, dims=0), z1, z2.roll(1, dims=0), z2])  # (16, out): rank 0, rank 1, per view
+    z1, z2 = F.normalize(torch.randn(4, 8), dim=1), F.normalize(torch.randn(4, 8), dim=1)
+    loss_nce, _ = wcl.instance_loss((z1, z2), 4 + torch.arange(4), tau=0.1)
+    keys = torch.cat([z1.roll(1, dims=0), z1, z2.roll(1, dims=0), z2])  # (16, 8): rank 0, rank 1, per view
     own, partner = torch.tensor([4, 5, 6, 7, 12, 13, 14, 15]), torch.tensor([12, 13, 14, 15, 4, 5, 6, 7])
     logits = (torch.cat([z1, z2]) @ keys.T / 0.1).masked_fill(F.one_hot(own, 16).bool(), -math.inf)
     torch.testing.assert_close(loss_nce, F.cross_entropy(logits, partner))

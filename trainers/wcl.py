@@ -68,6 +68,8 @@ Differences from the official code, with reasons:
 - Self-similarities are masked with -inf and the sums taken with logsumexp, where the official code removes the
   diagonal columns and sums exp(logits): the same values, numerically safer.
 - SyncBN is torch's SyncBatchNorm, which under DDP needs GPU tensors: set sync_bn false for CPU runs.
+- Under the orchestrator's bf16 autocast the backbone and heads run in bf16, but the similarities, the losses and the
+  1-NN graph are computed in fp32 (the official code trains in fp32).
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ def _rank() -> int:
 
 
 def _embed(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """(B, D) features -> (B, out) unit embeddings, in fp32 (similarities at tau 0.1 under bf16 autocast)."""
+    """(B, D) features -> (B, out) unit embeddings in fp32."""
     return F.normalize(head(h).float(), dim=1)
 
 
@@ -204,16 +206,16 @@ def _with_own_rows(z: torch.Tensor, offset: int) -> torch.Tensor:
     return torch.cat([gathered[:offset], z, gathered[offset + len(z):]])
 
 
-def _instance_loss(model: WCL, h1: torch.Tensor, h2: torch.Tensor, rows: torch.Tensor, tau: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_NCE over the 2N views of head g, and the instance-discrimination top-1 accuracy."""
-    offset = _rank() * len(h1)
-    z1, z2 = _embed(model.g, h1), _embed(model.g, h2)  # (B, out) each
-    keys = torch.cat([_with_own_rows(z1, offset), _with_own_rows(z2, offset)])  # (2N, out)
+def instance_loss(z: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, tau: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_NCE over the 2N views: z (B, d) per view of head g, rows (B,) this rank's rows of the gathered batch (the
+    first is rank * B) -> the loss and the instance-discrimination top-1 accuracy."""
+    offset = _rank() * len(rows)
+    keys = torch.cat([_with_own_rows(z[0], offset), _with_own_rows(z[1], offset)])  # (2N, d)
     n = len(keys) // 2
     self_index, positive = torch.cat([rows, n + rows]), torch.cat([n + rows, rows])  # (2B,)
     exclude = F.one_hot(self_index, 2 * n).bool()  # (2B, 2N)
-    logits = similarity_logits(torch.cat([z1, z2]), keys, exclude, tau)  # (2B, 2N)
+    logits = similarity_logits(torch.cat(z), keys, exclude, tau)  # (2B, 2N)
     return nt_xent(logits, positive), (logits.argmax(dim=1) == positive).float().mean()
 
 
@@ -290,26 +292,37 @@ def _global_views(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return batch["x1"], batch["x2"]
 
 
-def train_step(model: nn.Module, batch: Batch, cfg: Config, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    x1, x2 = _global_views(batch)
-    h1, h2 = model.encoder.features(x1), model.encoder.features(x2)  # (B, D) each; one pass per view, as official
-    rows = _rank() * len(x1) + torch.arange(len(x1), device=x1.device)  # (B,) this rank's rows of the gathered batch
-    loss_nce, nce_acc = _instance_loss(model, h1, h2, rows, cfg.tau)
-    z = (_embed(model.phi, h1), _embed(model.phi, h2))  # (B, out) each
+def _losses(z_g: tuple[torch.Tensor, torch.Tensor], z: tuple[torch.Tensor, torch.Tensor], z_local: torch.Tensor | None,
+            y: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_NCE, L_graph and (with local crops) L_local from the unit embeddings of heads g and phi, and diagnostics."""
+    rows = _rank() * len(y) + torch.arange(len(y), device=y.device)  # (B,) this rank's rows of the gathered batch
+    loss_nce, nce_acc = instance_loss(z_g, rows, cfg.tau)
     z_all = (all_gather_cat(z[0].detach()), all_gather_cat(z[1].detach()))  # (N, out) each, no gradient
     labels = (weak_labels(z_all[0]), weak_labels(z_all[1]))  # (N,) each
     loss_graph = graph_loss(z, z_all, labels, rows, cfg.tau)
-    loss_online, online_acc = online_classifier(model.encoder.head, torch.cat([h1, h2]), batch["y"].repeat(2))
-    loss = cfg.lambda_nce * loss_nce + cfg.lambda_graph * loss_graph + loss_online
-    metrics = {"loss_nce": loss_nce.detach(), "loss_graph": loss_graph.detach(), "loss_online": loss_online.detach(),
-               "online_acc": online_acc.detach(), "nce_acc": nce_acc.detach(),
-               **_weak_label_metrics(labels, batch["y"])}
-    if cfg.knn_multicrop:
-        z_local = _embed(model.phi, model.encoder.features(batch["x_local"].flatten(0, 1)))  # (B*k, out)
+    loss = cfg.lambda_nce * loss_nce + cfg.lambda_graph * loss_graph
+    metrics = {"loss_nce": loss_nce.detach(), "loss_graph": loss_graph.detach(), "nce_acc": nce_acc.detach(),
+               **_weak_label_metrics(labels, y)}
+    if z_local is not None:
         loss_local = local_loss(z_local, z_all, rows, cfg.knn_k, cfg.tau)
         loss = loss + cfg.lambda_local * loss_local
         metrics["loss_local"] = loss_local.detach()
     return loss, metrics
+
+
+def train_step(model: nn.Module, batch: Batch, cfg: Config, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    x1, x2 = _global_views(batch)
+    h1, h2 = model.encoder.features(x1), model.encoder.features(x2)  # (B, D) each; one pass per view, as official
+    z_g = (_embed(model.g, h1), _embed(model.g, h2))  # (B, out) each
+    z = (_embed(model.phi, h1), _embed(model.phi, h2))  # (B, out) each
+    z_local = None
+    if cfg.knn_multicrop:
+        z_local = _embed(model.phi, model.encoder.features(batch["x_local"].flatten(0, 1)))  # (B*k, out), image-major
+    with torch.autocast(x1.device.type, enabled=False):  # similarities at tau 0.1 and the 1-NN graph in fp32
+        loss, metrics = _losses(z_g, z, z_local, batch["y"], cfg)
+    loss_online, online_acc = online_classifier(model.encoder.head, torch.cat([h1, h2]), batch["y"].repeat(2))
+    metrics.update(loss_online=loss_online.detach(), online_acc=online_acc.detach())
+    return loss + loss_online, metrics
 
 
 def eval_step(model: nn.Module, batch: Batch, cfg: Config) -> dict[str, torch.Tensor]:
