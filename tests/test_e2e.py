@@ -114,7 +114,8 @@ def test_killed_driver_resumes_when_run_again(ray_cluster, mlflow_uri, tmp_path)
 
 
 def test_a_failing_run_exits_1_and_marks_mlflow_failed(ray_cluster, mlflow_uri, tmp_path, capsys) -> None:
-    overrides = [f"storage_path={tmp_path}", "name=broken", "config.arch=no_such_model", "resources.max_failures=0"]
+    # a real timm model that passes the checks before Ray starts, but whose forward refuses 16 px inputs
+    overrides = [f"storage_path={tmp_path}", "name=broken", "config.arch=vit_tiny_patch16_224", "resources.max_failures=0"]
     assert main(["run", str(QUICKSTART), "--set", *overrides]) == 1
     err = capsys.readouterr().err
     assert "error: run broken failed" in err and "run the same command again to resume" in err
