@@ -23,8 +23,6 @@ state-dict entries under `encoder.encoder.` (the representation methods keep the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,14 +76,9 @@ class LinearProbe(nn.Module):
         return self.classify(self.frozen_features(x))
 
 
-def _model_file(init_from: str) -> Path:
-    path = Path(init_from)
-    return path / "model.pt" if path.is_dir() else path
-
-
 def check(cfg: Config) -> None:
     check_arch(cfg.arch)
-    if cfg.init_from and not _model_file(cfg.init_from).is_file():
+    if cfg.init_from and not supervised.model_file(cfg.init_from).is_file():
         raise ConfigError("init_from", "the pre-training run's checkpoint directory (holding model.pt), a model.pt "
                           "file, or mlflow:<run_id>", cfg.init_from)
 
@@ -100,7 +93,7 @@ def build(cfg: Config, info: DataInfo) -> nn.Module:
     backbone = build_backbone(cfg.arch, info.in_channels, info.num_classes)
     if not cfg.init_from:
         return LinearProbe(backbone, info.num_train, cfg.feature_norm)
-    state = torch.load(_model_file(cfg.init_from), map_location="cpu", weights_only=True)
+    state = torch.load(supervised.model_file(cfg.init_from), map_location="cpu", weights_only=True)
     try:
         backbone.encoder.load_state_dict(encoder_state(state))
     except RuntimeError as err:

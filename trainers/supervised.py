@@ -45,20 +45,21 @@ def build(cfg: Config, info: DataInfo) -> nn.Module:
     return model
 
 
-def _model_file(init_from: str) -> Path:
+def model_file(init_from: str) -> Path:
+    """The model.pt that `init_from` names: a checkpoint directory holding it, or the file itself."""
     path = Path(init_from)
     return path / "model.pt" if path.is_dir() else path
 
 
 def check(cfg: Config) -> None:
     check_arch(cfg.arch)
-    if cfg.init_from and not _model_file(cfg.init_from).is_file():
+    if cfg.init_from and not model_file(cfg.init_from).is_file():
         raise ConfigError("init_from", "a checkpoint directory holding model.pt, or a model.pt file", cfg.init_from)
 
 
 def load_init(model: Classifier, cfg: Config) -> None:
     """Load cfg.init_from into model: a greenmim/simmim Swin encoder into the timm backbone, else the whole state."""
-    state = torch.load(_model_file(cfg.init_from), map_location="cpu", weights_only=True)
+    state = torch.load(model_file(cfg.init_from), map_location="cpu", weights_only=True)
     if "encoder.patch_embed.proj.weight" not in state:
         model.load_state_dict(state)
         return
