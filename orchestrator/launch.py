@@ -181,7 +181,9 @@ def absolute_paths(spec: ExperimentSpec) -> ExperimentSpec:
     path fields) are resolved here, against the driver's cwd."""
     update: dict[str, Any] = {"storage_path": absolute(spec.storage_path)}
     if spec.data is not None:
-        update["data"] = spec.data.model_copy(update={"root": spec.data.root and absolute(spec.data.root)})
+        data = spec.data
+        update["data"] = data.model_copy(update={"root": data.root and absolute(data.root),
+                                                 "generated": data.generated and absolute(data.generated)})
     cfg = spec.method_config()
     paths = {f: absolute(getattr(cfg, f)) for f in spec.trainer.path_fields if getattr(cfg, f)}
     update["config"] = {**spec.config, **paths}

@@ -40,7 +40,8 @@ class MethodContext:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def report(self, metrics: dict[str, float], step: int) -> None:
-        self.logger.log(metrics, step)
+        if self.logger is not None:  # None: a context without tracking (tests, benchmarks)
+            self.logger.log(metrics, step)
         if self.on_report is not None:
             self.on_report(metrics, step)
 
@@ -49,20 +50,32 @@ class MethodContext:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         safe_load(io.BytesIO(buffer.getvalue()), "the method state to save")
-        fs, path = self.run_dir.fs, self.run_dir.path
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(f"{path}/{STATE_FILE}.partial") as stream:
-            stream.write(buffer.getvalue())
-        fs.move(f"{path}/{STATE_FILE}.partial", f"{path}/{STATE_FILE}")
+        self.write_file(STATE_FILE, buffer.getvalue())
 
     def load(self) -> dict[str, Any] | None:
-        fs, path = self.run_dir.fs, f"{self.run_dir.path}/{STATE_FILE}"
+        data = self.read_file(STATE_FILE)
+        return None if data is None else safe_load(io.BytesIO(data), f"{self.run_dir.path}/{STATE_FILE}")
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Written to `<name>.partial`, then renamed: a crash leaves the previous file or none, never half."""
+        fs, path = self.run_dir.fs, f"{self.run_dir.path}/{name}"
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(f"{path}.partial") as stream:
+            stream.write(data)
+        fs.move(f"{path}.partial", path)
+
+    def read_file(self, name: str) -> bytes | None:
         import pyarrow.fs as pafs
 
+        fs, path = self.run_dir.fs, f"{self.run_dir.path}/{name}"
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
         with fs.open_input_stream(path) as stream:
-            return safe_load(io.BytesIO(stream.read()), path)
+            return stream.read()
+
+    def log_artifact(self, name: str, data: bytes) -> None:
+        if self.logger is not None:
+            self.logger.log_bytes(data, name)
 
 
 def run_method(spec: ExperimentSpec, ctx: MethodContext) -> dict[str, float]:

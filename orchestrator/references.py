@@ -1,16 +1,19 @@
-"""Experiments that start from an earlier run: a method's path field (e.g. `init_from` of `linear_probe` or
-`supervised`) may name the earlier run by its MLflow run id, `mlflow:<run_id>`, by its experiment `name` in the
-same `storage_path`, `run:<name>` (so experiment files chain without copying ids), or give a checkpoint path.
+"""Experiments that start from an earlier run: a method's path field (e.g. `init_from` of `linear_probe`,
+`teacher_from` of `diffkd`, `pipeline` of `generate`) and `data.generated` may name the earlier run by its MLflow
+run id, `mlflow:<run_id>`, by its experiment `name` in the same `storage_path`, `run:<name>` (so experiment files
+chain without copying ids), or give a path.
 
-Before Ray starts, `resolve` replaces a reference by that run's latest complete checkpoint (an MLflow run is found
-through its `run_dir` tag, which every orchestrator run carries), and links the new run to the earlier one in
-MLflow: tags `source_run_id` and `mlflow.parentRunId`, so the MLflow UI lists the new run under the earlier one
-(when both log to the same MLflow experiment). A checkpoint path inside an orchestrator run directory is linked too.
+Before Ray starts, `resolve` replaces a reference by that run's latest complete checkpoint (for `data.generated`:
+its `generated` folder, once its manifest is written). An MLflow run is found through its `run_dir` tag, which
+every orchestrator run carries. The new run is linked to the earlier ones in MLflow: a tag `source.<key>` per
+reference, and `source_run_id` and `mlflow.parentRunId` for the first, so the MLflow UI lists the new run under it
+(when both log to the same MLflow experiment). A path inside an orchestrator run directory is linked too.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 from orchestrator import checkpoint as ckpt_io
 from orchestrator.spec import ExperimentSpec, SpecError
@@ -31,32 +34,75 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def resolve(spec: ExperimentSpec, path: str | Path | None) -> ExperimentSpec:
-    """`spec` with every `mlflow:<run_id>` path field replaced by a checkpoint directory, and the link tags."""
-    config, tags = dict(spec.config), dict(spec.tracking.tags)
+    """`spec` with every reference replaced by a path (a checkpoint directory for the method's path fields, the
+    `generated` folder of a generate run for `data.generated`), and the link tags."""
+    config, tags, data = dict(spec.config), dict(spec.tracking.tags), spec.data
     for field in spec.trainer.path_fields:
         value = config.get(field)
-        if not isinstance(value, str) or not value:
-            continue
-        if value.startswith(PREFIX):
-            run_id = value.removeprefix(PREFIX)
-            config[field] = str(_checkpoint_of_run(spec, path, field, run_id))
-            tags.update({"source_run_id": run_id, "mlflow.parentRunId": run_id})
-            continue
-        if value.startswith(RUN_PREFIX):
-            config[field] = value = str(_checkpoint_of_name(spec, path, field, value.removeprefix(RUN_PREFIX)))
-        if (run_id := _run_id_near(Path(value))) is not None:
-            tags.update({"source_run_id": run_id, "mlflow.parentRunId": run_id})
-    return spec.model_copy(update={"config": config, "tracking": spec.tracking.model_copy(update={"tags": tags})})
+        if isinstance(value, str) and value:
+            config[field], run_id = _resolve_one(spec, path, f"config.{field}", value, CHECKPOINT)
+            _link(tags, f"config.{field}", run_id)
+    if data is not None and data.generated:
+        generated, run_id = _resolve_one(spec, path, "data.generated", data.generated, GENERATED)
+        data = data.model_copy(update={"generated": generated})
+        _link(tags, "data.generated", run_id)
+    tracking = spec.tracking.model_copy(update={"tags": tags})
+    return spec.model_copy(update={"config": config, "tracking": tracking, "data": data})
 
 
-def _checkpoint_of_run(spec: ExperimentSpec, path: str | Path | None, field: str, run_id: str) -> Path:
+class Target(NamedTuple):
+    """What a reference to a run means: `find(run_dir)` gives the path, or None with `wanted` in the error."""
+
+    find: Callable[[Path], Path | None]
+    wanted: str
+
+
+def _generated_folder(run_dir: Path) -> Path | None:
+    folder = run_dir / "generated"
+    return folder if (folder / "manifest.json").is_file() else None
+
+
+CHECKPOINT = Target(latest_checkpoint, "a run with a complete checkpoint")
+GENERATED = Target(_generated_folder, "a generate run that finished (generated/manifest.json)")
+
+
+def _resolve_one(spec: ExperimentSpec, path: str | Path | None, key: str, value: str,
+                 target: Target) -> tuple[str, str | None]:
+    """(the path `value` stands for, the MLflow run id of the run it belongs to, if known)."""
+    if value.startswith(PREFIX):
+        run_id = value.removeprefix(PREFIX)
+        return str(_found(target, _run_dir_of_id(spec, path, key, run_id), path, key, value)), run_id
+    if value.startswith(RUN_PREFIX):
+        value = str(_found(target, _run_dir_of_name(spec, path, key, value.removeprefix(RUN_PREFIX)), path, key,
+                           value))
+    return value, _run_id_near(Path(value))
+
+
+def _found(target: Target, run_dir: Path, path: str | Path | None, key: str, value: str) -> Path:
+    found = target.find(run_dir)
+    if found is None:
+        raise SpecError(path, key, f"{target.wanted} in {run_dir} (run that experiment first)", value)
+    return found
+
+
+def _link(tags: dict[str, str], key: str, run_id: str | None) -> None:
+    """Tag the new run with its source runs: `source.<key>` each, `source_run_id` and the MLflow parent: the
+    first one (the MLflow UI nests the new run under it)."""
+    if run_id is None:
+        return
+    tags[f"source.{key}"] = run_id
+    tags.setdefault("source_run_id", run_id)
+    tags.setdefault("mlflow.parentRunId", run_id)
+
+
+def _run_dir_of_id(spec: ExperimentSpec, path: str | Path | None, key: str, run_id: str) -> Path:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from orchestrator.tracking import display_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(spec.tracking.tracking_uri)
-    key, found = f"config.{field}", f"{PREFIX}{run_id}"
+    found = f"{PREFIX}{run_id}"
     try:
         run = MlflowClient(uri).get_run(run_id)
     except MlflowException:
@@ -65,28 +111,21 @@ def _checkpoint_of_run(spec: ExperimentSpec, path: str | Path | None, field: str
     if run_dir is None or "://" in run_dir:
         raise SpecError(path, key, "a run of this orchestrator whose run directory is on a local or mounted path "
                         f"(tag run_dir: {run_dir})", found)
-    checkpoint = latest_checkpoint(Path(run_dir))
-    if checkpoint is None:
-        raise SpecError(path, key, f"a run with a complete checkpoint in {run_dir}", found)
-    return checkpoint
+    return Path(run_dir)
 
 
-def _checkpoint_of_name(spec: ExperimentSpec, path: str | Path | None, field: str, name: str) -> Path:
+def _run_dir_of_name(spec: ExperimentSpec, path: str | Path | None, key: str, name: str) -> Path:
     from orchestrator.storage import absolute, is_uri
 
     if is_uri(spec.storage_path):
-        raise SpecError(path, f"config.{field}", "run:<name> with a local or mounted storage_path (give the "
-                        "checkpoint's path instead)", spec.storage_path)
-    run_dir = Path(absolute(spec.storage_path)) / name
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise SpecError(path, f"config.{field}", f"a run with a complete checkpoint in {run_dir} (run that "
-                        "experiment first)", f"{RUN_PREFIX}{name}")
-    return checkpoint
+        raise SpecError(path, key, "run:<name> with a local or mounted storage_path (give the path instead)",
+                        spec.storage_path)
+    return Path(absolute(spec.storage_path)) / name
 
 
 def _run_id_near(checkpoint: Path) -> str | None:
-    """The MLflow run of the orchestrator run directory holding `checkpoint` (a directory or its model.pt)."""
+    """The MLflow run of the orchestrator run directory holding `checkpoint` (a directory or its model.pt, or a
+    generate run's `generated` folder)."""
     import json
 
     for directory in (checkpoint, *checkpoint.parents[:2]):

@@ -63,7 +63,11 @@ class DataSpec(_Strict):
     imbalance_factor: float | None = Field(default=None, ge=1)  # long tail: n_c = n_max * IF ** (-c / (C - 1))
     # None: the method's views
     views: Literal["plain", "weak_strong", "weak_strong_multicrop", "two_crop", "weak_contrastive", "byol_two_crop",
-                   "multi_crop", "tokens"] | None = None
+                   "multi_crop", "sau", "tokens"] | None = None
+    # generated images joining the training set: a folder of Parquet shards, or run:<name> / mlflow:<run_id> of a
+    # `generate` run (its `generated` folder); to_head fills each class up to the largest class count
+    generated: str | None = None
+    generated_fill: Literal["to_head", "all"] = "to_head"
     unlabeled_ratio: int = Field(default=7, gt=0)  # mu: unlabeled images per labeled one (weak_strong*)
     num_local_crops: int = Field(default=6, ge=0)  # multi_crop, weak_strong_multicrop
     loader_workers: int = Field(default=2, ge=0)
@@ -83,6 +87,9 @@ class DataSpec(_Strict):
             raise ValueError("at most one of labeled_per_class and labeled_fraction")
         if self.dataset in DATASETS_NEEDING_ROOT and not self.root:
             raise ValueError(f"a `root` directory for dataset {self.dataset!r}")
+        if self.generated and (self.labeled_per_class is not None or self.labeled_fraction is not None):
+            raise ValueError("`generated` images join a fully labeled training set: no labeled_per_class or "
+                             "labeled_fraction with it")
         return self
 
 
@@ -258,6 +265,8 @@ def preflight(spec: ExperimentSpec, path: str | Path | None) -> None:
         if not Path(root).expanduser().exists():
             raise SpecError(path, "data.root", "an existing dataset directory (or data.download: true)", root)
         _check_dataset_files(spec.data.model_copy(update={"root": str(Path(root).expanduser())}), path)
+    if spec.data is not None and spec.data.generated:
+        _check_generated(Path(spec.data.generated).expanduser(), path)
     if spec.trainer.check is not None:
         try:
             spec.trainer.check(spec.method_config())
@@ -279,6 +288,17 @@ def _check_dataset_files(data: DataSpec, path: str | Path | None) -> None:
     except KeyError as err:  # "data.image_column: column 'img' not in FILE (columns: [...])"
         key, _, found = str(err.args[0]).partition(": ")
         raise SpecError(path, key, "a column of the Parquet files", Shown(found)) from None
+
+
+def _check_generated(directory: Path, path: str | Path | None) -> None:
+    from orchestrator.data import generated
+    from orchestrator.data.sources import DataFileError
+
+    try:
+        generated.check(directory)
+    except (FileNotFoundError, DataFileError) as err:
+        raise SpecError(path, "data.generated", "a folder of generated Parquet shards (or run:<name> of a generate "
+                        "run)", Shown(str(err))) from None
 
 
 def to_yaml(spec: ExperimentSpec) -> str:

@@ -176,6 +176,13 @@ class MetricLogger:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
+    def log_bytes(self, data: bytes, name: str) -> None:
+        """`data` as the artifact `name` (it may name a folder: "generated/samples.png")."""
+        folder, _, file = name.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / file).write_bytes(data)
+            self.client.log_artifact(self.run_id, str(Path(tmp) / file), folder or None)
+
 
 def run_tags(method: str, paper: str, dataset: str, experiment_file: str, extra: dict[str, str]) -> dict[str, str]:
     return {

@@ -7,7 +7,6 @@ import io
 import json
 import math
 import pickle
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -48,10 +47,8 @@ def test_digits_native_and_resized():
     assert resized.info.image_size == 32
 
 
-def test_synthetic_is_deterministic_and_fast():
-    start = time.perf_counter()
+def test_synthetic_is_deterministic():
     images, labels = shapes(200, seed=0)
-    assert time.perf_counter() - start < 1.0
     assert images.shape == (2000, 3, 32, 32) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [200] * 10
     first, second = (build_data(DataSpec(dataset="synthetic", synthetic_per_class=20), 0, "plain") for _ in range(2))

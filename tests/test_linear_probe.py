@@ -116,7 +116,8 @@ def test_an_mlflow_run_id_resolves_to_its_latest_complete_checkpoint(tmp_path: P
     file = probe_file(tmp_path, f"mlflow:{run_id}")
     spec = references.resolve(spec_mod.load(file), file)
     assert spec.method_config().init_from == str(run_dir / "checkpoint_000000020")  # 30 was half-written
-    assert spec.tracking.tags == {"source_run_id": run_id, "mlflow.parentRunId": run_id}
+    assert spec.tracking.tags == {"source.config.init_from": run_id, "source_run_id": run_id,
+                                  "mlflow.parentRunId": run_id}
     by_path = probe_file(tmp_path, str(run_dir / "checkpoint_000000010"))
     assert references.resolve(spec_mod.load(by_path), by_path).tracking.tags["source_run_id"] == run_id
     by_name = references.resolve(spec_mod.load(probe_file(tmp_path, "run:pretrain"), [f"storage_path={run_dir.parent}"]),

@@ -22,6 +22,9 @@ TRAINERS: dict[str, str] = {
     "wcl": "trainers.wcl",
     "lewel": "trainers.lewel",
     "linear_probe": "trainers.linear_probe",
+    "sau": "trainers.sau",
+    "ddpm": "trainers.ddpm",
+    "generate": "trainers.generate",
 }
 
 

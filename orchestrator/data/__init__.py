@@ -20,15 +20,15 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from orchestrator.data import text, transforms
+from orchestrator.data import generated, text, transforms
 from orchestrator.data.sources import ConcatImages, Source, load_source
 from orchestrator.data.splits import Split, make_split, split_artifact
-from orchestrator.data.views import MultiCropView, PlainView, Pool, TwoCropView, WeakStrongView
+from orchestrator.data.views import MultiCropView, PlainView, Pool, SauView, TwoCropView, WeakStrongView
 from orchestrator.spec import DataSpec
 from trainers._common.contract import DataInfo
 
 VIEWS = ("plain", "weak_strong", "weak_strong_multicrop", "two_crop", "weak_contrastive", "byol_two_crop", "multi_crop",
-         "tokens")
+         "sau", "tokens")
 TEXT_CACHE = Path("~/.cache/lab-orchestrator/text")
 
 
@@ -48,7 +48,8 @@ def build_data(spec: DataSpec, seed: int, views: str) -> DataBundle:
     Without a labeled subset every train image is labeled. With one (labeled_per_class / labeled_fraction),
     "plain" trains on the labeled images only, "weak_strong" pairs them with the unlabeled pool (the whole
     train set, plus STL-10's unlabeled_X), "weak_strong_multicrop" adds smaller strong crops of each unlabeled
-    image (SimMatchV2), and "two_crop" / "multi_crop" train on the unlabeled pool.
+    image (SimMatchV2), and "two_crop" / "multi_crop" train on the unlabeled pool. With `data.generated`, generated
+    images join the (fully labeled) training set; "sau" marks them with `is_syn`.
     """
     if views not in VIEWS:
         raise ValueError(f"views: expected one of {', '.join(VIEWS)}, found {views!r}")
@@ -72,12 +73,17 @@ def build_data(spec: DataSpec, seed: int, views: str) -> DataBundle:
         num_extra=len(source.extra_unlabeled) if source.extra_unlabeled is not None else 0,
     )
     labeled, unlabeled = _pools(source, split)
-    train = _train_view(views, spec, source, size, seed, labeled, unlabeled)
+    artifact = split_artifact(split, source.train_labels, source.num_classes, spec.dataset, seed, len(source.test))
+    is_syn = np.zeros(len(labeled), dtype=bool)
+    if spec.generated:
+        labeled, is_syn, artifact["generated"] = _with_generated(spec, source, labeled)
+    train = _train_view(views, spec, source, size, seed, labeled, unlabeled, is_syn)
     test_pool = Pool(source.test, np.arange(len(source.test)), source.test_labels)
     test = PlainView(test_pool, transforms.evaluation(source, size))
-    num_train = len(labeled) if views == "plain" or unlabeled is None else len(unlabeled)
-    info = DataInfo(source.num_classes, size, source.in_channels, num_train=num_train, num_labeled=len(labeled))
-    artifact = split_artifact(split, source.train_labels, source.num_classes, spec.dataset, seed, len(source.test))
+    num_train = len(labeled) if views in ("plain", "sau") or unlabeled is None else len(unlabeled)
+    class_counts = np.bincount(source.train_labels[split.train], minlength=source.num_classes)
+    info = DataInfo(source.num_classes, size, source.in_channels, num_train=num_train, num_labeled=len(labeled),
+                    mean=tuple(source.mean), std=tuple(source.std), class_counts=tuple(int(n) for n in class_counts))
     return DataBundle(train, test, info, {"split.json": artifact})
 
 
@@ -119,11 +125,33 @@ def _pools(source: Source, split: Split) -> tuple[Pool, Pool | None]:
     return labeled, Pool(images, split.unlabeled, labels[split.unlabeled])
 
 
+def _with_generated(spec: DataSpec, source: Source, real: Pool) -> tuple[Pool, np.ndarray, dict[str, Any]]:
+    """The real training pool followed by the generated images it takes (generated.py), which are marked in the
+    returned `is_syn` (n,) and counted per class in the artifact."""
+    directory = Path(spec.generated)
+    made = generated.load(directory, source)
+    chosen = (generated.fill_to_head(real.labels, made.labels, source.num_classes) if spec.generated_fill == "to_head"
+              else np.arange(len(made.labels)))
+    images = ConcatImages(source.train, made.images)
+    pool = Pool(images, np.concatenate([real.indices, len(source.train) + chosen]),
+                np.concatenate([real.labels, made.labels[chosen]]))
+    is_syn = np.arange(len(pool)) >= len(real)
+    counts = np.bincount(made.labels[chosen], minlength=source.num_classes)
+    record = {"directory": str(directory), "fill": spec.generated_fill, "available": len(made.labels),
+              "class_counts": {str(c): int(n) for c, n in enumerate(counts)}}
+    return pool, is_syn, record
+
+
 def _train_view(
-    views: str, spec: DataSpec, source: Source, size: int, seed: int, labeled: Pool, unlabeled: Pool | None
+    views: str, spec: DataSpec, source: Source, size: int, seed: int, labeled: Pool, unlabeled: Pool | None,
+    is_syn: np.ndarray,
 ) -> Dataset:
     if views == "plain":
         return PlainView(labeled, transforms.weak(source, size))
+    if views == "sau":
+        sau_views = (transforms.weak(source, size), transforms.autoaugment(source, size),
+                     transforms.contrastive(source, size, scale=(0.2, 1.0)))
+        return SauView(labeled, sau_views, is_syn)
     if views == "weak_strong":
         weak, strong = transforms.weak(source, size), transforms.strong(source, size)
         return WeakStrongView(labeled, unlabeled, weak, strong, spec.unlabeled_ratio, seed)

@@ -160,23 +160,28 @@ class FileImages:
 
 class EncodedImages:
     """Encoded PNG/JPEG bytes (a pyarrow binary array) decoded with PIL when an item is read; `files` names
-    where they came from, for errors."""
+    where they came from, for errors. `channels` 1 decodes to grayscale; `size` Lanczos-resizes every image to
+    size x size (generated images joining a dataset of another resolution)."""
 
-    def __init__(self, values: pa.Array, files: str = "<memory>"):
-        self.values, self.files = values, files
+    def __init__(self, values: pa.Array, files: str = "<memory>", channels: int = 3, size: int | None = None):
+        self.values, self.files, self.channels, self.size = values, files, channels, size
 
     def __len__(self) -> int:
         return len(self.values)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return _decode(io.BytesIO(self.values[i].as_py()), f"{self.files} (row {i})")
+        return _decode(io.BytesIO(self.values[i].as_py()), f"{self.files} (row {i})", self.channels, self.size)
 
 
-def _decode(file: Path | io.BytesIO, name: str | Path) -> torch.Tensor:
-    """One image file or buffer as uint8 (3,H,W); a corrupt or truncated one raises DataFileError naming it."""
+def _decode(file: Path | io.BytesIO, name: str | Path, channels: int = 3, size: int | None = None) -> torch.Tensor:
+    """One image file or buffer as uint8 (channels,H,W); a corrupt or truncated one raises DataFileError naming
+    it."""
     try:
         with Image.open(file) as image:
-            return pil_to_tensor(image.convert("RGB"))
+            image = image.convert("L" if channels == 1 else "RGB")
+            if size is not None and image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.LANCZOS)
+            return pil_to_tensor(image)
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for unknown formats and truncated data
         raise DataFileError(name, f"not a readable image ({type(err).__name__}: {err})") from None
 
@@ -399,7 +404,7 @@ def _parquet(spec: DataSpec) -> Source:
 
 def _parquet_split(spec: DataSpec, split: str) -> tuple[EncodedImages, np.ndarray]:
     files = _parquet_files(spec, split)
-    table = pa.concat_tables(_read_parquet(f, [spec.image_column, spec.label_column]) for f in files)
+    table = pa.concat_tables(read_parquet(f, [spec.image_column, spec.label_column]) for f in files)
     images = table.column(spec.image_column).combine_chunks()
     if pa.types.is_struct(images.type):
         images = images.field("bytes")
@@ -422,7 +427,7 @@ def _parquet_files(spec: DataSpec, split: str) -> list[Path]:
     return files
 
 
-def _read_parquet(file: Path, columns: list[str]) -> pa.Table:
+def read_parquet(file: Path, columns: list[str]) -> pa.Table:
     try:
         return pq.read_table(file, columns=columns)
     except (pa.ArrowInvalid, OSError) as err:

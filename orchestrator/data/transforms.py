@@ -27,6 +27,13 @@ def strong(source: Source, size: int) -> v2.Compose:
     return v2.Compose([*_weak_ops(source, size), randaugment, *_normalize(source), Cutout(max(1, size // 2))])
 
 
+def autoaugment(source: Source, size: int) -> v2.Compose:
+    """SAU's second CIFAR view: weak + AutoAugment (the CIFAR-10 policy) on uint8 + Cutout. The official Cutout
+    is a fixed 16 px square on 32 px images; this one draws its side up to size // 2, as FixMatch's does."""
+    policy = v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)
+    return v2.Compose([*_weak_ops(source, size), policy, *_normalize(source), Cutout(max(1, size // 2))])
+
+
 def resized_crop(source: Source, size: int, scale: tuple[float, float]) -> v2.Compose:
     """Random resized crop + flip only: ReSSL's weak teacher view (scale 0.2-1)."""
     ops: list = [v2.RandomResizedCrop(size, scale=scale, antialias=True)]

@@ -134,6 +134,27 @@ class TwoCropView(Dataset):
         """Nothing here depends on the epoch."""
 
 
+class SauView(Dataset):
+    """{"x1", "x2", "x3": (C,S,S), "y", "is_syn", "idx"}: three views of one real or generated image (SAU):
+    x1 the synthetic-unaware branch's crop + flip, x2 x1 + AutoAugment + Cutout, x3 a SimCLR-style view.
+    `is_syn` (bool) marks generated images."""
+
+    def __init__(self, pool: Pool, views: tuple[Transform, Transform, Transform], is_syn: np.ndarray):
+        self.pool, self.views, self.is_syn = pool, views, is_syn
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        image = self.pool.image(j)
+        item = {f"x{k + 1}": view(image) for k, view in enumerate(self.views)}
+        return {**item, "y": _scalar(self.pool.labels[j]), "is_syn": torch.tensor(bool(self.is_syn[j])),
+                "idx": _scalar(j)}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing here depends on the epoch."""
+
+
 class MultiCropView(Dataset):
     """{"x_global": (2,C,S,S), "x_local": (k,C,s,s), "y", "idx"}: SwAV/DINO multi-crop of one image."""
 

@@ -26,11 +26,15 @@ class DataInfo:
     num_labeled: int
     vocab_size: int = 0  # text: the tokenizer's vocabulary
     seq_len: int = 0  # text: tokens per training window
+    mean: tuple[float, ...] = ()  # images: the per-channel normalisation, on the 0..1 pixel scale
+    std: tuple[float, ...] = ()
+    class_counts: tuple[int, ...] = ()  # images: real training images per class (long-tailed sets: the tail)
 
 
 class RunContext(Protocol):
     """What a `run(cfg, ctx)` method sees of the orchestrator (a Ray-backed one, or a local one in tests). A saved
-    state holds only tensors, dicts, lists, tuples, numbers and strings (it is loaded with weights_only=True)."""
+    state holds only tensors, dicts, lists, tuples, numbers and strings (it is loaded with weights_only=True).
+    Outputs that other runs read (generated data) go to files of the run's directory with `write_file`."""
 
     is_main: bool
     device: torch.device
@@ -41,6 +45,16 @@ class RunContext(Protocol):
     def save(self, state: dict[str, Any]) -> None: ...
 
     def load(self) -> dict[str, Any] | None: ...
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Write `data` to `name` (a relative path, e.g. "generated/shard.parquet") in the run's directory,
+        atomically: a reader sees the whole file or none."""
+
+    def read_file(self, name: str) -> bytes | None:
+        """The file `name` of the run's directory, or None when it does not exist (a resumed run skips work)."""
+
+    def log_artifact(self, name: str, data: bytes) -> None:
+        """Log `data` as the artifact `name` of the run's MLflow run (a PNG, a JSON manifest)."""
 
 
 class ConfigError(ValueError):
