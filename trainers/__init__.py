@@ -23,6 +23,8 @@ TRAINERS: dict[str, str] = {
     "lewel": "trainers.lewel",
     "linear_probe": "trainers.linear_probe",
     "sau": "trainers.sau",
+    "cone": "trainers.cone",
+    "diffkd": "trainers.diffkd",
     "ddpm": "trainers.ddpm",
     "generate": "trainers.generate",
 }

@@ -1,0 +1,103 @@
+"""CoNe vs plain cross-entropy on digits at the same budget, several seeds. Measures, does not assert.
+
+    .venv/bin/python benchmarks/cone_digits.py [--seeds 0 1 2]
+
+Each method runs its shipped experiment file (experiments/cone/digits.yaml; the baseline
+experiments/supervised/digits_ce.yaml) through the orchestrator's step loop in this process (no Ray, one rank), so
+the numbers are those of the files a researcher runs. The script refuses to compare files whose data or optim blocks
+differ. Reports test accuracy (mean ± std and per seed) and seconds per run; writes
+benchmarks/results/cone_digits.{md,json} and logs one MLflow run (experiment `benchmarks`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from orchestrator import spec as spec_mod
+from orchestrator.launch import train_in_process
+
+REPO = Path(__file__).resolve().parents[1]
+FILES = {
+    "cross-entropy": REPO / "experiments" / "supervised" / "digits_ce.yaml",
+    "cone": REPO / "experiments" / "cone" / "digits.yaml",
+}
+SAME_BUDGET = ("optim", "data", "config.arch")
+
+
+def run_one(method: str, seed: int) -> dict[str, float]:
+    spec = spec_mod.load(FILES[method], [f"seed={seed}", "resources.workers=1", "eval.every=null",
+                                         "checkpoint.every=1000000"])
+    started = time.perf_counter()
+    metrics = train_in_process(spec, torch.device("cpu"))
+    return {"acc": metrics["eval/acc"], "seconds": time.perf_counter() - started}
+
+
+def check_same_budget() -> None:
+    """Refuse to compare files that differ in data, optimizer, steps, batch or backbone."""
+    dumps = {m: spec_mod.load(path).model_dump() for m, path in FILES.items()}
+    for dotted in SAME_BUDGET:
+        values = {m: _get(d, dotted) for m, d in dumps.items()}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            raise SystemExit(f"not the same budget: {dotted} differs: {values}")
+
+
+def _get(tree: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def table(results: dict[str, list[dict[str, float]]]) -> str:
+    lines = ["| method | test accuracy (mean ± std) | seeds | per-seed | seconds per run |", "|---|---|---|---|---|"]
+    for method, runs in results.items():
+        accs = [r["acc"] for r in runs]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        per_seed = ", ".join(f"{a:.3f}" for a in accs)
+        seconds = statistics.mean(r["seconds"] for r in runs)
+        lines.append(f"| {method} | {statistics.mean(accs):.3f} ± {std:.3f} | {len(accs)} | {per_seed} | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cone_digits"))
+    args = parser.parse_args()
+    check_same_budget()
+
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in FILES}
+    for seed in args.seeds:
+        for method in FILES:
+            results[method].append(run_one(method, seed))
+            print(f"{method} seed {seed}: {results[method][-1]}", flush=True)
+    markdown = table(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"seeds": args.seeds, "results": results}, indent=2))
+    log_to_mlflow(results, markdown, args.seeds)
+    print(markdown)
+
+
+def log_to_mlflow(results: dict[str, list[dict[str, float]]], markdown: str, seeds: list[int]) -> None:
+    import mlflow
+
+    mlflow.set_experiment("benchmarks")
+    with mlflow.start_run(run_name="cone_digits"):
+        mlflow.log_params({"seeds": seeds, "dataset": "digits"})
+        for method, runs in results.items():
+            accs = [r["acc"] for r in runs]
+            mlflow.log_metric(f"{method}/acc_mean", statistics.mean(accs))
+            mlflow.log_metric(f"{method}/acc_std", statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        mlflow.log_text(markdown, "cone_digits.md")
+        mlflow.log_dict(results, "cone_digits.json")
+
+
+if __name__ == "__main__":
+    main()
