@@ -85,6 +85,14 @@ def parquet(root: Path, label_column: str = "label", corrupt: bool = False) -> d
     return {"dataset": "parquet", "root": str(root), "image_column": "image", "label_column": label_column}
 
 
+def unfinished_generation(root: Path) -> dict:
+    """Digits-LT with `generated` naming a generation run's folder whose manifest was never written."""
+    (root / "gen").mkdir()
+    table = pa.table({"image": pa.array([_png(np.random.default_rng(0), 8, 8)], pa.binary()), "label": [9]})
+    pq.write_table(table, root / "gen" / "class0009-00000.parquet")
+    return {"dataset": "digits", "image_size": 16, "imbalance_factor": 10, "generated": str(root / "gen")}
+
+
 @dataclass
 class Case:
     what: str
@@ -160,6 +168,16 @@ CASES = [
          "{root}/test.parquet: not a Parquet file (...)", data=lambda root: parquet(root, "target", corrupt=True)),
     Case("Parquet without the label column", "data.label_column: expected a column of the Parquet files, found "
          "column 'label' not in {root}/train.parquet (columns: ['image', 'target'])", data=parquet),
+    Case("generated images of an unfinished generation run", "data.generated: expected a folder of generated Parquet "
+         "shards (or run:<name> of a generate run), found unreadable dataset file {root}/gen: holds shards of a "
+         "generation run but no manifest.json: the run did not finish (run it again; it skips the shards it wrote)",
+         data=unfinished_generation),
+    Case("a teacher run that never ran", "config.teacher_from: expected a run with a complete checkpoint in "
+         "...never-ran (run that experiment first), found 'run:never-ran'",
+         {"method": "diffkd", "config": {"teacher_arch": "small_cnn", "teacher_from": "run:never-ran"}}),
+    Case("a generation pipeline that is not there", "config.pipeline: expected a diffusers pipeline directory (with "
+         "model_index.json) or a checkpoint of the ddpm method (a directory holding model.pt, run:<name> or "
+         "mlflow:<run_id>), found ...nowhere", text="name: gen\nmethod: generate\nconfig: {pipeline: nowhere}\n"),
     Case("sweep with an unknown search mode", "tune.mode: expected 'min' or 'max', found 'maximize'",
          {"tune": {"metric": "eval/acc", "mode": "maximize", "space": {"optim.lr": {"loguniform": [0.01, 0.1]}}}},
          command="sweep"),
