@@ -2,12 +2,14 @@
 linear probe and kNN on the frozen encoder, against a randomly initialised encoder of the same architecture, several
 seeds. Measures, does not assert.
 
-    .venv/bin/python benchmarks/selfsup_digits.py [--seeds 0 1 2] [--methods ressl wcl lewel]
+    .venv/bin/python benchmarks/selfsup_digits.py [--seeds 0 1 2] [--methods ressl ressl_extended wcl lewel] [--add]
 
-Each method runs its shipped file (experiments/<method>/digits.yaml) through the orchestrator's step loop in this
-process (no Ray, one rank); its last checkpoint is then evaluated by the shipped probe file
+Each method runs its shipped file (experiments/<method>/digits.yaml; the extended ReSSL
+experiments/ressl/digits_extended.yaml) through the orchestrator's step loop in this process (no Ray, one rank); its
+last checkpoint is then evaluated by the shipped probe file
 (experiments/linear_probe/digits.yaml, `init_from` set to that checkpoint), and the random baseline is the same
-probe file with `init_from` empty and the same seed. Writes benchmarks/results/selfsup_digits.{md,json}.
+probe file with `init_from` empty and the same seed. Writes benchmarks/results/selfsup_digits.{md,json}; with --add,
+the methods' rows join the rows already in the JSON file (same seeds) instead of a new table.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("ressl", "wcl", "lewel")
+EXPERIMENTS = REPO / "experiments"
+FILES = {
+    "ressl": EXPERIMENTS / "ressl" / "digits.yaml",
+    "ressl_extended": EXPERIMENTS / "ressl" / "digits_extended.yaml",
+    "wcl": EXPERIMENTS / "wcl" / "digits.yaml",
+    "lewel": EXPERIMENTS / "lewel" / "digits.yaml",
+}
 PROBE = REPO / "experiments" / "linear_probe" / "digits.yaml"
 SAME_BUDGET = ("optim.steps", "optim.batch_size", "data.dataset", "data.image_size", "config.arch")
 ONE_PROCESS = ["resources.workers=1", "eval.every=null"]
@@ -33,7 +41,7 @@ ONE_PROCESS = ["resources.workers=1", "eval.every=null"]
 
 def pretrain(method: str, seed: int, root: Path) -> tuple[Path, float]:
     """The method's digits file, seeded; returns its final checkpoint and the seconds it took."""
-    spec = spec_mod.load(REPO / "experiments" / method / "digits.yaml", [f"seed={seed}", *ONE_PROCESS])
+    spec = spec_mod.load(FILES[method], [f"seed={seed}", *ONE_PROCESS])
     started = time.perf_counter()
     train_in_process(spec, torch.device("cpu"), checkpoint_root=root)
     return root / f"checkpoint_{spec.optim.steps:09d}", time.perf_counter() - started
@@ -47,7 +55,7 @@ def probe(init_from: str, seed: int) -> dict[str, float]:
 
 
 def check_same_budget(methods: list[str]) -> None:
-    dumps = {m: spec_mod.load(REPO / "experiments" / m / "digits.yaml").model_dump() for m in methods}
+    dumps = {m: spec_mod.load(FILES[m]).model_dump() for m in methods}
     for dotted in SAME_BUDGET:
         values = {m: _get(d, dotted) for m, d in dumps.items()}
         if len({json.dumps(v) for v in values.values()}) > 1:
@@ -78,14 +86,22 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(FILES), choices=list(FILES))
+    parser.add_argument("--add", action="store_true", help="add the methods' rows to the existing results")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "selfsup_digits"))
     args = parser.parse_args()
-    check_same_budget(args.methods)
+    check_same_budget(list(FILES))
 
-    results: dict[str, list[dict[str, float]]] = {"random init": [], **{m: [] for m in args.methods}}
+    results: dict[str, list[dict[str, float]]] = {"random init": []}
+    if args.add:
+        saved = json.loads(Path(f"{args.out}.json").read_text())
+        if saved["seeds"] != args.seeds:
+            raise SystemExit(f"--add: the saved results are for seeds {saved['seeds']}, not {args.seeds}")
+        results = saved["results"]
+    results.update({m: [] for m in args.methods})
     for seed in args.seeds:
-        results["random init"].append(probe("", seed))
+        if not args.add:
+            results["random init"].append(probe("", seed))
         for method in args.methods:
             with tempfile.TemporaryDirectory() as root:
                 checkpoint, seconds = pretrain(method, seed, Path(root))

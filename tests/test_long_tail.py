@@ -64,12 +64,13 @@ def test_generated_images_fill_every_class_up_to_the_head_count(tmp_path: Path) 
 
 
 def test_a_generated_image_is_decoded_like_the_real_ones(tmp_path: Path) -> None:
-    """RGB PNGs of 32 px join 1-channel 8 px digits: grayscale, resized to the native 8 px, then augmented alike."""
+    """RGB PNGs of 32 px join 1-channel digits trained at 16 px: grayscale, Lanczos-resized to 16 px (not through the
+    native 8 px), then augmented alike."""
     write_shards(tmp_path / "gen", per_class=200, size=32, mode="RGB")
     bundle = build_data(DataSpec(**LT, generated=str(tmp_path / "gen")), seed=0, views="sau")
     last = len(bundle.train) - 1
     raw = bundle.train.pool.image(last)
-    assert raw.shape == (1, 8, 8) and raw.dtype.is_floating_point is False
+    assert raw.shape == (1, 16, 16) and raw.dtype == torch.uint8
     item = bundle.train[last]
     assert item["is_syn"].item() is True and item["y"].item() == bundle.train.pool.labels[last]
     shapes = {k: tuple(v.shape) for k, v in item.items() if k.startswith("x")}
@@ -81,7 +82,7 @@ def test_a_folder_without_manifest_is_read_unless_it_is_an_unfinished_generation
     mine = tmp_path / "mine"
     mine.mkdir()
     pq.write_table(pa.table({"image": pa.array([png(9, 8)] * 3, pa.binary()), "label": [9, 9, 9]}), mine / "a.parquet")
-    assert generated.load(mine, load_source(DataSpec(**LT))).labels.tolist() == [9, 9, 9]
+    assert generated.load(mine, load_source(DataSpec(**LT)), 16).labels.tolist() == [9, 9, 9]
     write_shards(tmp_path / "half", per_class=2, manifest=False)
     with pytest.raises(DataFileError, match="no manifest.json: the run did not finish"):
         generated.check(tmp_path / "half")

@@ -76,7 +76,7 @@ def build_data(spec: DataSpec, seed: int, views: str) -> DataBundle:
     artifact = split_artifact(split, source.train_labels, source.num_classes, spec.dataset, seed, len(source.test))
     is_syn = np.zeros(len(labeled), dtype=bool)
     if spec.generated:
-        labeled, is_syn, artifact["generated"] = _with_generated(spec, source, labeled)
+        labeled, is_syn, artifact["generated"] = _with_generated(spec, source, size, labeled)
     train = _train_view(views, spec, source, size, seed, labeled, unlabeled, is_syn)
     test_pool = Pool(source.test, np.arange(len(source.test)), source.test_labels)
     test = PlainView(test_pool, transforms.evaluation(source, size))
@@ -125,11 +125,11 @@ def _pools(source: Source, split: Split) -> tuple[Pool, Pool | None]:
     return labeled, Pool(images, split.unlabeled, labels[split.unlabeled])
 
 
-def _with_generated(spec: DataSpec, source: Source, real: Pool) -> tuple[Pool, np.ndarray, dict[str, Any]]:
+def _with_generated(spec: DataSpec, source: Source, size: int, real: Pool) -> tuple[Pool, np.ndarray, dict[str, Any]]:
     """The real training pool followed by the generated images it takes (generated.py), which are marked in the
     returned `is_syn` (n,) and counted per class in the artifact."""
     directory = Path(spec.generated)
-    made = generated.load(directory, source)
+    made = generated.load(directory, source, size)
     chosen = (generated.fill_to_head(real.labels, made.labels, source.num_classes) if spec.generated_fill == "to_head"
               else np.arange(len(made.labels)))
     images = ConcatImages(source.train, made.images)
