@@ -82,7 +82,8 @@ BAD_FILES = [
      "found 'supervisd'"),
     ("unknown method config field", GOOD.replace("arch: small_cnn", "archh: small_cnn"),
      "config.archh: expected a field of trainers.supervised.Config; did you mean 'arch'? "
-     "(fields: arch, label_smoothing, drop_rate, init_from), found an unknown key"),
+     "(fields: arch, label_smoothing, drop_rate, init_from, class_weighting, cb_beta, shot_accuracy), found an "
+     "unknown key"),
     ("wrong type in method config", GOOD.replace("arch: small_cnn", "label_smoothing: lots"),
      "config.label_smoothing: expected a valid number, unable to parse string as a number, found 'lots'"),
     ("wrong type", GOOD.replace("steps: 10", "steps: ten"),
