@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from budget import check_same_budget
 
 from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
@@ -38,21 +39,6 @@ def run_one(method: str, seed: int) -> dict[str, float]:
     return {"acc": metrics["eval/acc"], "seconds": time.perf_counter() - started}
 
 
-def check_same_budget() -> None:
-    """Refuse to compare files that differ in data, optimizer, steps, batch or backbone."""
-    dumps = {m: spec_mod.load(path).model_dump() for m, path in FILES.items()}
-    for dotted in SAME_BUDGET:
-        values = {m: _get(d, dotted) for m, d in dumps.items()}
-        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
-            raise SystemExit(f"not the same budget: {dotted} differs: {values}")
-
-
-def _get(tree: dict, dotted: str) -> object:
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
-
-
 def table(results: dict[str, list[dict[str, float]]]) -> str:
     lines = ["| method | test accuracy (mean ± std) | seeds | per-seed | seconds per run |", "|---|---|---|---|---|"]
     for method, runs in results.items():
@@ -69,7 +55,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cone_digits"))
     args = parser.parse_args()
-    check_same_budget()
+    check_same_budget(FILES, SAME_BUDGET)
 
     results: dict[str, list[dict[str, float]]] = {m: [] for m in FILES}
     for seed in args.seeds:

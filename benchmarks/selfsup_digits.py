@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from budget import check_same_budget
 
 from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
@@ -54,20 +55,6 @@ def probe(init_from: str, seed: int) -> dict[str, float]:
     return {"linear": metrics["eval/acc"], "knn": metrics["eval/knn_acc"]}
 
 
-def check_same_budget(methods: list[str]) -> None:
-    dumps = {m: spec_mod.load(FILES[m]).model_dump() for m in methods}
-    for dotted in SAME_BUDGET:
-        values = {m: _get(d, dotted) for m, d in dumps.items()}
-        if len({json.dumps(v) for v in values.values()}) > 1:
-            raise SystemExit(f"not the same budget: {dotted} differs: {values}")
-
-
-def _get(tree: dict, dotted: str) -> object:
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
-
-
 def _cell(values: list[float]) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {std:.3f} ({', '.join(f'{v:.3f}' for v in values)})"
@@ -90,7 +77,7 @@ def main() -> None:
     parser.add_argument("--add", action="store_true", help="add the methods' rows to the existing results")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "selfsup_digits"))
     args = parser.parse_args()
-    check_same_budget(list(FILES))
+    check_same_budget(FILES, SAME_BUDGET)
 
     results: dict[str, list[dict[str, float]]] = {"random init": []}
     if args.add:

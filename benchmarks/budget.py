@@ -1,0 +1,24 @@
+"""The guard every comparison benchmark runs first: the experiment files it compares must share their budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from orchestrator import spec as spec_mod
+
+
+def check_same_budget(files: dict[str, Path], keys: tuple[str, ...], exempt: dict[str, str] | None = None) -> None:
+    """Exit naming the first dotted key (e.g. "optim.steps") whose value differs between the files; `exempt` maps a
+    key to the one row that may differ in it (a supervised baseline reads no unlabeled data)."""
+    dumps = {name: spec_mod.load(path).model_dump() for name, path in files.items()}
+    for dotted in keys:
+        values = {name: _get(dump, dotted) for name, dump in dumps.items() if (exempt or {}).get(dotted) != name}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            raise SystemExit(f"not the same budget: {dotted} differs: {values}")
+
+
+def _get(tree: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
