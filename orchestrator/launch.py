@@ -32,7 +32,8 @@ from torch import nn
 from orchestrator import checkpoint as ckpt_io
 from orchestrator import spec as spec_mod
 from orchestrator.divergence import LossGuard, NonFiniteLossError, local_weights, no_retry_callback
-from orchestrator.optim import build_optimizer, build_scheduler, default_param_groups, load_training_state
+from orchestrator.optim import (base_lr, build_optimizer, build_scheduler, default_param_groups,
+                                load_training_state)
 from orchestrator.spec import ExperimentSpec, Shown, SpecError
 from orchestrator.storage import RunDir, absolute
 
@@ -305,8 +306,9 @@ def _engine(setup: Setup, device: torch.device, rank: int, world: int) -> Any:
         from orchestrator.deepspeed_engine import DeepSpeedEngine
 
         return DeepSpeedEngine(setup, device, world)
-    step_module = ray.train.torch.prepare_model(TrainStep(setup.model, setup.method.train_step, setup.cfg),
-                                                move_to_device=False)
+    step_module = ray.train.torch.prepare_model(
+        TrainStep(setup.model, setup.method.train_step, setup.cfg), move_to_device=False,
+        parallel_strategy_kwargs={"find_unused_parameters": setup.method.dynamic_graph})
     return TorchEngine(setup, step_module, device)
 
 
@@ -385,7 +387,7 @@ class TorchEngine:
         setup.optimizer.step()
         setup.scheduler.step()
         position.step += 1
-        return {"loss": total / accum, **metrics, "lr": setup.optimizer.param_groups[0]["lr"]}
+        return {"loss": total / accum, **metrics, "lr": base_lr(setup.optimizer)}
 
     def save(self, directory: Path, rank: int, position: Position) -> None:
         ckpt_io.save_rng(directory, rank)

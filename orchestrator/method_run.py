@@ -38,6 +38,8 @@ class MethodContext:
     def __init__(self, run_dir: RunDir, logger: Any, on_report: Callable[[dict[str, float], int], None] | None = None):
         self.run_dir, self.logger, self.on_report = run_dir, logger, on_report
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.spec: ExperimentSpec | None = None  # set by run_method: where `data()` comes from
+        self._data: Any = None
 
     def report(self, metrics: dict[str, float], step: int) -> None:
         if self.logger is not None:  # None: a context without tracking (tests, benchmarks)
@@ -77,10 +79,22 @@ class MethodContext:
         if self.logger is not None:
             self.logger.log_bytes(data, name)
 
+    def data(self) -> Any:
+        """The experiment's data (orchestrator.data.DataBundle), built once."""
+        if self.spec is None or self.spec.data is None:
+            raise ValueError(f"method {self.spec.method if self.spec else '?'!r} reads data: the experiment needs "
+                             "a `data:` block")
+        if self._data is None:
+            from orchestrator.data import build_data
+
+            self._data = build_data(self.spec.data, seed=self.spec.seed, views=self.spec.views)
+        return self._data
+
 
 def run_method(spec: ExperimentSpec, ctx: MethodContext) -> dict[str, float]:
     """The method's run(cfg, ctx) with the experiment's config; returns its final metrics."""
     torch.manual_seed(spec.seed)
+    ctx.spec = spec
     return dict(spec.trainer.run(spec.method_config(), ctx))
 
 

@@ -54,6 +54,9 @@ def default_param_groups(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def build_optimizer(groups: list[dict[str, Any]], spec: OptimSpec) -> torch.optim.Optimizer:
+    """A group's "lr_scale" (default 1) multiplies the experiment's lr for that group (the key stays in the group:
+    `base_lr` reads it back)."""
+    groups = [{**g, "lr": spec.lr * g.get("lr_scale", 1.0)} for g in groups]
     if spec.name == "sgd":
         groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
@@ -62,6 +65,12 @@ def build_optimizer(groups: list[dict[str, Any]], spec: OptimSpec) -> torch.opti
         groups = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
         return torch.optim.AdamW(groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
     return LARS(groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=spec.nesterov)
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The experiment's lr at this step (what the first group's lr is before its lr_scale)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
 
 
 def lr_factor(step: int, spec: OptimSpec) -> float:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.optim import LARS, build_optimizer, build_scheduler, default_param_groups, lr_factor
+from orchestrator.optim import LARS, base_lr, build_optimizer, build_scheduler, default_param_groups, lr_factor
 from orchestrator.spec import OptimSpec
 
 
@@ -65,3 +65,18 @@ def test_lars_trust_ratio_scales_the_step() -> None:
     # trust = eta * |p| / |g| = 0.001 * 4 / 1 = 0.004; step = trust * g = 0.002
     torch.testing.assert_close(p.detach(), torch.full((4,), 2.0 - 0.002))
     assert math.isfinite(p.sum().item())
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars"])
+def test_a_group_lr_scale_multiplies_the_lr_through_the_schedule(name: str) -> None:
+    """K-shot NAS gives its K-atom dictionaries lr x K; the logged lr stays the experiment's."""
+    spec = OptimSpec(name=name, lr=0.1, steps=100, batch_size=8, warmup_steps=10)
+    fast, plain = nn.Parameter(torch.ones(3, 3)), nn.Parameter(torch.ones(3, 3))
+    optimizer = build_optimizer([{"params": [fast], "lr_scale": 4.0}, {"params": [plain]}], spec)
+    scheduler = build_scheduler(optimizer, spec)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    first, second = optimizer.param_groups
+    assert first["lr"] == pytest.approx(4 * second["lr"]) and second["lr"] == pytest.approx(0.1 * lr_factor(5, spec))
+    assert base_lr(optimizer) == pytest.approx(second["lr"])

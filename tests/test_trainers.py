@@ -68,6 +68,8 @@ def test_one_step_is_finite_with_gradients(name: str) -> None:
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
+    if spec.dynamic_graph:  # a supernet's step trains one path: the other paths' parameters get no gradient
+        grads = [g for g in grads if g is not None]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert all(not torch.is_tensor(v) or (v.ndim == 0 and not v.requires_grad) for v in metrics.values())
 
@@ -78,7 +80,7 @@ def test_two_seeded_runs_are_bitwise_equal(name: str) -> None:
     losses_b, model_b = one_run(name, steps=3)
     assert losses_a == losses_b
     for (key, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
-        assert torch.equal(a, b), key
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, key  # non-tensors: a module's extra state
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if trainers.get(n).run is None])

@@ -56,6 +56,17 @@ class RunContext(Protocol):
     def log_artifact(self, name: str, data: bytes) -> None:
         """Log `data` as the artifact `name` of the run's MLflow run (a PNG, a JSON manifest)."""
 
+    def data(self) -> RunData:
+        """The experiment's `data:` block, built for the method's views (ValueError when it has none)."""
+
+
+class RunData(Protocol):
+    """What `RunContext.data()` gives: torch Datasets of dict items, as a step method's batches hold them."""
+
+    train: Any  # the method's train view
+    test: Any  # {"x", "y", "idx"}
+    info: DataInfo
+
 
 class ConfigError(ValueError):
     """A Config value that its type cannot reject (a missing or wrong file): `check` raises it, the orchestrator
@@ -85,6 +96,10 @@ class TrainerSpec:
       directory (workers run elsewhere).
     - finite_metrics: train metrics that, like the loss, stop the run when NaN or Inf (the loss is always
       checked; list parts of it only where a NaN part would not already make the loss NaN).
+    - dynamic_graph: a step may leave parameters unused (a supernet runs one path per step): DDP then looks for
+      them (find_unused_parameters). The method must run the same graph on every rank in a step.
+
+    A param group may carry "lr_scale": its learning rate is the experiment's lr times it.
     """
 
     name: str
@@ -102,6 +117,7 @@ class TrainerSpec:
     check: Callable[[Any], None] | None = None
     path_fields: tuple[str, ...] = ()
     finite_metrics: tuple[str, ...] = ()
+    dynamic_graph: bool = False
 
     def __post_init__(self) -> None:
         step_contract = self.build is not None and self.train_step is not None

@@ -9,12 +9,15 @@ from trainers.nas.space import InvalidArchitecture, SearchSpace, SpacePrompt
 
 SPACES: dict[str, str] = {
     "nas_bench_macro": "trainers.nas.nas_bench_macro",
+    "macro_digits": "trainers.nas.nas_bench_macro:MACRO_DIGITS",
     "nas_bench_201": "trainers.nas.nas_bench_201",
     "genius_mobilenet": "trainers.nas.mobilenet_imagenet",
     "genius_mobilenet_329": "trainers.nas.mobilenet_imagenet:SPACE_329",
     "genius_mobilenet_401": "trainers.nas.mobilenet_imagenet:SPACE_401",
     "channel_bench_res": "trainers.nas.channel_bench_macro:RESNET",
     "channel_bench_mob": "trainers.nas.channel_bench_macro:MOBILENET",
+    "vit_digits": "trainers.nas.vit:VIT_DIGITS",
+    "vitas_deit": "trainers.nas.vit:VITAS_DEIT",
 }
 
 

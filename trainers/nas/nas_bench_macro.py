@@ -68,10 +68,10 @@ def operation(option: int, c_in: int, c_out: int, stride: int) -> nn.Module:
     return InvertedResidual(c_in, c_out, stride, expansion, kernel_size)
 
 
-def layer_shapes() -> list[tuple[int, int, int]]:
+def layer_shapes(stages: tuple[int, ...] = STAGES, stem_channels: int = STEM_CHANNELS) -> list[tuple[int, int, int]]:
     """(in_channels, out_channels, stride) of each searchable layer."""
-    shapes, channels = [], STEM_CHANNELS
-    for depth in STAGES:
+    shapes, channels = [], stem_channels
+    for depth in stages:
         for index in range(depth):
             stride = 2 if index == 0 else 1
             shapes.append((channels, channels * stride, stride))
@@ -80,15 +80,22 @@ def layer_shapes() -> list[tuple[int, int, int]]:
 
 
 class NasBenchMacro(SearchSpace):
-    name = "nas_bench_macro"
-    choices = (3,) * sum(STAGES)
-    input_size = 32
+    """The benchmark's space; other stage depths and widths give smaller spaces of the same operations."""
+
+    def __init__(self, name: str = "nas_bench_macro", stages: tuple[int, ...] = STAGES,
+                 stem_channels: int = STEM_CHANNELS, head_channels: int = HEAD_CHANNELS, input_size: int = 32):
+        self.name, self.stages, self.input_size = name, stages, input_size
+        self.stem_channels, self.head_channels = stem_channels, head_channels
+        self.choices = (3,) * sum(stages)
+
+    def layer_shapes(self) -> list[tuple[int, int, int]]:
+        return layer_shapes(self.stages, self.stem_channels)
 
     def canonical(self, code: str) -> str:
         """Identity layers after the first of a stage moved to the stage's end (the benchmark's get_real_arch)."""
         self.decode(code)
         out, start = "", 0
-        for depth in STAGES:
+        for depth in self.stages:
             first, rest = code[start], code[start + 1:start + depth]
             kept = rest.replace("0", "")
             out += first + kept + "0" * (len(rest) - len(kept))
@@ -97,16 +104,30 @@ class NasBenchMacro(SearchSpace):
 
     def build(self, code: str, num_classes: int, in_channels: int = 3) -> Classifier:
         options = self.decode(code)
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, STEM_CHANNELS, 3, padding=1, bias=False),
-                                   nn.BatchNorm2d(STEM_CHANNELS), nn.ReLU(inplace=True)]
-        layers += [operation(o, *shape) for o, shape in zip(options, layer_shapes())]
-        channels = layer_shapes()[-1][1]
-        layers += [nn.Conv2d(channels, HEAD_CHANNELS, 1, bias=False), nn.BatchNorm2d(HEAD_CHANNELS),
-                   nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        return Classifier(nn.Sequential(*layers), HEAD_CHANNELS, num_classes)
+        stem, head = self.stem_channels, self.head_channels
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem),
+                                   nn.ReLU(inplace=True)]
+        layers += [operation(o, *shape) for o, shape in zip(options, self.layer_shapes())]
+        channels = self.layer_shapes()[-1][1]
+        layers += [nn.Conv2d(channels, head, 1, bias=False), nn.BatchNorm2d(head), nn.ReLU(inplace=True),
+                   nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        return Classifier(nn.Sequential(*layers), head, num_classes)
+
+    def supernet_parts(self, num_classes: int, in_channels: int = 3) -> tuple[nn.Module, list[list[nn.Module]],
+                                                                                nn.Module, int]:
+        """What a weight-sharing supernet (trainers/nas/supernet.py) is made of: (stem, candidates[position][option],
+        tail, num_features), the same modules as `build` makes, so a path stem -> candidates[i][options[i]] -> tail
+        -> a linear head of `num_classes` is the network of the code. The head is the supernet's own."""
+        stem, head = self.stem_channels, self.head_channels
+        stem_layers = nn.Sequential(nn.Conv2d(in_channels, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem),
+                                    nn.ReLU(inplace=True))
+        candidates = [[operation(o, *shape) for o in range(n)] for n, shape in zip(self.choices, self.layer_shapes())]
+        tail = nn.Sequential(nn.Conv2d(self.layer_shapes()[-1][1], head, 1, bias=False), nn.BatchNorm2d(head),
+                             nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return stem_layers, candidates, tail, head
 
     def prompt(self) -> SpacePrompt:
-        return SpacePrompt(task=TASK, operations=_operations(), skeleton=_skeleton(), answer_format=ANSWER_FORMAT)
+        return SpacePrompt(task=TASK, operations=_operations(), skeleton=_skeleton(self), answer_format=ANSWER_FORMAT)
 
 
 TASK = ("Your task is to assist me in selecting the best operations for a given model architecture, which "
@@ -127,17 +148,18 @@ def _operations() -> str:
             f"The implementation of the InvertedResidual is as follows:\n{inspect.getsource(InvertedResidual)}")
 
 
-def _skeleton() -> str:
-    rows = [f"    layer1: {{defined: True, operation: nn.Conv2d(in_channels=3, out_channels={STEM_CHANNELS}, "
+def _skeleton(space: NasBenchMacro) -> str:
+    shapes, head = space.layer_shapes(), space.head_channels
+    rows = [f"    layer1: {{defined: True, operation: nn.Conv2d(in_channels=3, out_channels={space.stem_channels}, "
             "kernel_size=3, padding=1, bias=False)}"]
-    for number, (c_in, c_out, stride) in enumerate(layer_shapes(), start=2):
+    for number, (c_in, c_out, stride) in enumerate(shapes, start=2):
         rows.append(f"    layer{number}: {{defined: False, downsample: {stride == 2}, in_channels: {c_in}, "
                     f"out_channels: {c_out}, stride: {stride}}}")
-    last = len(layer_shapes()) + 2
-    rows += [f"    layer{last}: {{defined: True, operation: nn.Conv2d(in_channels={layer_shapes()[-1][1]}, "
-             f"out_channels={HEAD_CHANNELS}, kernel_size=1, bias=False, stride=1)}}",
+    last = len(shapes) + 2
+    rows += [f"    layer{last}: {{defined: True, operation: nn.Conv2d(in_channels={shapes[-1][1]}, "
+             f"out_channels={head}, kernel_size=1, bias=False, stride=1)}}",
              f"    layer{last + 1}: {{defined: True, operation: nn.AdaptiveAvgPool2d(output_size=1)}}",
-             f"    layer{last + 2}: {{defined: True, operation: nn.Linear(in_features={HEAD_CHANNELS}, "
+             f"    layer{last + 2}: {{defined: True, operation: nn.Linear(in_features={head}, "
              "out_features=10)}"]
     return ("The model architecture will be defined as the following.\n{\n" + ",\n".join(rows) + "\n}\n\n"
             f"The currently undefined layers are layer2 - layer{last - 1}, and the in_channels and out_channels "
@@ -146,3 +168,8 @@ def _skeleton() -> str:
 
 
 SPACE = NasBenchMacro()
+
+# The ground-truth space of the weight-sharing searches on CPU (benchmarks/ranking.py): the same operations in two
+# stages of two layers, 8 -> 16 -> 32 channels, a 128-channel head, 16 px digits. 3^4 = 81 codes, all distinct
+# networks (a stage's only non-first layer is its last), small enough that every one is trained stand-alone.
+MACRO_DIGITS = NasBenchMacro("macro_digits", stages=(2, 2), stem_channels=8, head_channels=128, input_size=16)
