@@ -270,6 +270,20 @@ class GeniusMobileNet(SearchSpace):
         init_like_timm(model)
         return model
 
+    def supernet_parts(self, num_classes: int, in_channels: int = 3) -> tuple[nn.Module, list[list[nn.Module]],
+                                                                                nn.Module, int]:
+        """What a weight-sharing supernet (trainers/nas/supernet.py) is made of: (stem = layer0-1,
+        candidates[position][option], tail = layer32-34, num_features), the modules `build` makes, initialised as it
+        does; a skip that `build` leaves out is an nn.Identity, so a path stem -> candidates[i][options[i]] -> tail ->
+        a linear head of `num_classes` is the network of the code. The head is the supernet's own."""
+        fixed = {name: module for name, (module, _) in fixed_layers(in_channels, num_classes).items()}
+        stem, tail = nn.Sequential(fixed["layer0"], fixed["layer1"]), nn.Sequential(fixed["layer32"],
+                                                                                   fixed["layer33"], fixed["layer34"])
+        candidates = [[_searchable_layer(o, i) for o in range(n)] for i, n in enumerate(self.choices)]
+        for module in (stem, tail, *(m for row in candidates for m in row)):
+            init_like_timm(module)
+        return stem, candidates, tail, HEAD_CHANNELS
+
     def prompt(self) -> SpacePrompt:
         return SpacePrompt(task=TASK, operations=_operations(), skeleton=_skeleton(),
                            answer_format=_answer_format(self.flops_window))
