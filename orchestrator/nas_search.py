@@ -16,11 +16,20 @@ Searchers, all `ray.tune.search.Searcher`s drawing "<space>:<code>" values for t
 - tpe (alias optuna): Tune's OptunaSearch (TPE) over one categorical parameter per position. A proposal that
   repeats an evaluated network is answered from the history at once (Optuna learns from it, no evaluation is
   spent); one outside the FLOPs window is told to Optuna as a failed trial.
+- nsga2: NSGA-II (Deb et al. 2002) for the metric against MFLOPs, steady-state: the first `population_size`
+  architectures are random; then each child is bred from the elite (the best `population_size` evaluated ones by
+  non-dominated rank, then crowding distance) by binary tournaments, uniform crossover and a one-position mutation.
+  Tune's trials finish asynchronously, so the elite is recomputed after every evaluation instead of once per
+  generation (ViTAS searches with generational NSGA-II, population 50, 40 generations: num_samples 2000).
+- exhaustive: every network of the space once (canonical forms in order, inside the FLOPs window): the ground
+  truth of a small space (benchmarks/ground_truth.py); num_samples at least the number of networks.
 - genius: the LLM-driven search (orchestrator/genius.py).
 
 Every searcher counts an evaluation per trial; `num_samples` is the budget. The sweep's MLflow parent run gets
 the candidates in order (architectures.csv / .md: code, MFLOPs, params, metric, best so far), the search
-trajectory plot and the best architecture (tags best_arch, best_arch_mflops); GENIUS adds its chat.
+trajectory plot and the best architecture (tags best_arch, best_arch_mflops; also `search/best.json` in the sweep
+directory, which `config.arch: best:run:<sweep name>` of a retraining experiment reads); the table marks the
+candidates on the Pareto front of metric against MFLOPs. GENIUS adds its chat.
 """
 
 from __future__ import annotations
@@ -40,7 +49,8 @@ from orchestrator.spec import ExperimentSpec, SpecError, did_you_mean
 from trainers.nas import SearchSpace, arch_value, get_space, parse_arch_value
 
 SEARCHER_NAMES = {"random": "random", "evolution": "evolution", "regularized_evolution": "evolution",
-                  "tpe": "tpe", "optuna": "tpe", "genius": "genius"}
+                  "tpe": "tpe", "optuna": "tpe", "nsga2": "nsga2", "nsga-ii": "nsga2", "exhaustive": "exhaustive",
+                  "genius": "genius"}
 
 
 def architecture_key(spec: ExperimentSpec) -> tuple[str, Distribution] | None:
@@ -85,7 +95,8 @@ def searcher_class(name: str) -> type:
         from orchestrator.genius import GeniusSearcher
 
         return GeniusSearcher
-    return {"random": RandomSearch, "evolution": RegularizedEvolution, "tpe": TPESearch}[name]
+    return {"random": RandomSearch, "evolution": RegularizedEvolution, "tpe": TPESearch, "nsga2": NSGA2,
+            "exhaustive": ExhaustiveSearch}[name]
 
 
 def build_searcher(spec: ExperimentSpec, path: str | Path | None, log_dir: str | None) -> Searcher:
@@ -209,6 +220,114 @@ class RegularizedEvolution(ArchitectureSearcher):
             self.population.append((code, value))  # a full deque drops its oldest member
 
 
+class ExhaustiveSearch(ArchitectureSearcher):
+    """Every canonical network of the space once, in code order (for spaces small enough to train every member)."""
+
+    def __init__(self, space: SearchSpace, key: str, metric: str | None = None, mode: str | None = None, *,
+                 seed: int = 0, flops: tuple[float, float] | None = None):
+        super().__init__(space, key, metric, mode, seed=seed, flops=flops)
+        self.position = 0  # index into the space's codes in order
+
+    def propose(self) -> str | None:
+        while self.position < self.space.size():
+            code = self.space.encode(_digits(self.position, self.space.choices))
+            self.position += 1
+            if code == self.space.canonical(code) and self.is_new(code):
+                return code
+        return None
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        suggestion = super().suggest(trial_id)
+        return Searcher.FINISHED if suggestion is None else suggestion
+
+
+def _digits(index: int, choices: tuple[int, ...]) -> list[int]:
+    """The `index`-th option list in code order (the last position varies fastest)."""
+    options = []
+    for n in reversed(choices):
+        index, option = divmod(index, n)
+        options.append(option)
+    return options[::-1]
+
+
+class NSGA2(ArchitectureSearcher):
+    """Steady-state NSGA-II maximising the metric and minimising MFLOPs (see the module docstring)."""
+
+    def __init__(self, space: SearchSpace, key: str, metric: str | None = None, mode: str | None = None, *,
+                 population_size: int = 50, crossover_prob: float = 0.9, seed: int = 0,
+                 flops: tuple[float, float] | None = None):
+        if population_size < 2 or not 0 <= crossover_prob <= 1:
+            raise ValueError(f"population_size >= 2 and 0 <= crossover_prob <= 1, got {population_size} and "
+                             f"{crossover_prob}")
+        super().__init__(space, key, metric, mode, seed=seed, flops=flops)
+        self.population_size, self.crossover_prob = population_size, crossover_prob
+        self.evaluated: list[tuple[str, float, float]] = []  # (code, score: higher is better, MFLOPs)
+
+    def observe(self, code: str, value: float | None) -> None:
+        if value is not None:
+            self.evaluated.append((code, self.score(value), self.space.flops(code)))
+
+    def propose(self) -> str | None:
+        if len(self.evaluated) + len(self.live) < self.population_size or len(self.evaluated) < 2:
+            return self.fresh(lambda: self.space.sample(self.rng))
+        elite = nsga2_select([(s, -f) for _, s, f in self.evaluated], self.population_size)
+        members = [(self.evaluated[i][0], rank, crowding) for i, rank, crowding in elite]
+        return self.fresh(lambda: self._child(members))
+
+    def _child(self, members: list[tuple[str, int, float]]) -> str:
+        first, second = self._tournament(members), self._tournament(members)
+        options = list(self.space.decode(first))
+        if self.rng.random() < self.crossover_prob:
+            other = self.space.decode(second)
+            options = [a if self.rng.random() < 0.5 else b for a, b in zip(options, other)]
+        return self.space.mutate(self.space.encode(options), self.rng)
+
+    def _tournament(self, members: list[tuple[str, int, float]]) -> str:
+        a, b = self.rng.sample(members, 2)
+        return min(a, b, key=lambda m: (m[1], -m[2]))[0]
+
+
+def nsga2_select(objectives: list[tuple[float, float]], n: int) -> list[tuple[int, int, float]]:
+    """NSGA-II's survivor selection over points whose objectives are all maximised: (index, front rank from 0,
+    crowding distance) of the best `n`, by rank, then larger crowding distance."""
+    chosen: list[tuple[int, int, float]] = []
+    for rank, front in enumerate(non_dominated_fronts(objectives)):
+        distance = crowding_distances([objectives[i] for i in front])
+        ranked = sorted(zip(front, distance), key=lambda item: -item[1])
+        chosen += [(i, rank, d) for i, d in ranked[:n - len(chosen)]]
+        if len(chosen) == n:
+            break
+    return chosen
+
+
+def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
+def non_dominated_fronts(objectives: list[tuple[float, ...]]) -> list[list[int]]:
+    """Indices grouped into fronts: the first is not dominated by any point, the next only by the first, ..."""
+    remaining, fronts = set(range(len(objectives))), []
+    while remaining:
+        front = sorted(i for i in remaining if not any(dominates(objectives[j], objectives[i]) for j in remaining))
+        fronts.append(front)
+        remaining -= set(front)
+    return fronts
+
+
+def crowding_distances(points: list[tuple[float, ...]]) -> list[float]:
+    """Per point, the sum over objectives of the normalised gap between its neighbours (boundary points: inf)."""
+    distance = [0.0] * len(points)
+    for m in range(len(points[0]) if points else 0):
+        order = sorted(range(len(points)), key=lambda i: points[i][m])
+        low, high = points[order[0]][m], points[order[-1]][m]
+        distance[order[0]] = distance[order[-1]] = float("inf")
+        if high == low:
+            continue
+        for before, i, after in zip(order, order[1:], order[2:]):
+            distance[i] += (points[after][m] - points[before][m]) / (high - low)
+    return distance
+
+
 class TPESearch(ArchitectureSearcher):
     """Tune's OptunaSearch (TPE sampler, seeded) over one categorical parameter per position."""
 
@@ -270,6 +389,20 @@ class TPESearch(ArchitectureSearcher):
 # ---------------------------------------------------------------------------------------------- results
 
 
+BEST_FILE = "search/best.json"
+
+
+def write_best(sweep_dir: Any, best: dict[str, Any]) -> None:
+    """`BEST_FILE` of the sweep directory (a RunDir), written to a temporary name and renamed."""
+    import json
+
+    path = f"{sweep_dir.path}/{BEST_FILE}"
+    sweep_dir.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with sweep_dir.fs.open_output_stream(f"{path}.partial") as stream:
+        stream.write(json.dumps(best, indent=1).encode())
+    sweep_dir.fs.move(f"{path}.partial", path)
+
+
 def log_dir(sweep_dir: Any) -> str | None:
     """Where a searcher writes its own logs (GENIUS's chat): `<sweep>/search/` on local storage."""
     from orchestrator.storage import is_uri
@@ -290,12 +423,18 @@ def trajectory_rows(client: Any, spec: ExperimentSpec, rows: list[dict[str, Any]
         out.append({"evaluation": number, "trial": row["trial"], "arch": code, "mflops": round(space.flops(code), 3),
                     "params_m": round(space.params(code), 4), metric: value, "best_so_far": best,
                     "status": row["status"]})
+    sign = 1 if spec.tune.mode == "max" else -1
+    scored = [r for r in out if r[metric] is not None]
+    front = set(non_dominated_fronts([(sign * r[metric], -r["mflops"]) for r in scored])[0]) if scored else set()
+    for index, row in enumerate(scored):
+        row["pareto"] = index in front
     return out
 
 
 def log_search(tracker: Any, parent_id: str, spec: ExperimentSpec, rows: list[dict[str, Any]],
-               best: dict[str, Any] | None, logs: str | None) -> None:
-    """The search's table, trajectory plot, best architecture and the searcher's own logs on the parent run."""
+               best: dict[str, Any] | None, logs: str | None, sweep_dir: Any) -> None:
+    """The search's table, trajectory plot, best architecture and the searcher's own logs on the parent run; the
+    best architecture also in the sweep directory (BEST_FILE)."""
     import json
 
     from orchestrator import compare
@@ -310,6 +449,8 @@ def log_search(tracker: Any, parent_id: str, spec: ExperimentSpec, rows: list[di
             tracker.client.log_artifact(parent_id, str(tmp / "search_trajectory.png"))
     if best is not None and key in best:
         space, code = parse_arch_value(best[key])
+        write_best(sweep_dir, {"arch": best[key], spec.tune.metric: best.get(spec.tune.metric),
+                               "mflops": space.flops(code), "parent_run_id": parent_id})
         tracker.client.set_tag(parent_id, "best_arch", best[key])
         tracker.client.log_metric(parent_id, "best/arch_mflops", space.flops(code))
         tracker.client.log_metric(parent_id, "best/arch_params_m", space.params(code))

@@ -3,6 +3,10 @@
 run id, `mlflow:<run_id>`, by its experiment `name` in the same `storage_path`, `run:<name>` (so experiment files
 chain without copying ids), or give a path.
 
+An architecture search's result is referenced the same way with `best:` in front: `config.arch:
+best:run:<sweep name>` (or `best:mlflow:<parent run id>`, or `best:<sweep directory>`) is the best architecture
+of that finished search, so a search and the stand-alone retraining of its winner chain as two experiment files.
+
 Before Ray starts, `resolve` replaces a reference by that run's latest complete checkpoint (for `data.generated`:
 its `generated` folder, once its manifest is written). An MLflow run is found through its `run_dir` tag, which
 every orchestrator run carries. The new run is linked to the earlier ones in MLflow: a tag `source.<key>` per
@@ -20,6 +24,7 @@ from orchestrator.spec import ExperimentSpec, SpecError
 
 PREFIX = "mlflow:"
 RUN_PREFIX = "run:"
+BEST_PREFIX = "best:"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -37,6 +42,10 @@ def resolve(spec: ExperimentSpec, path: str | Path | None) -> ExperimentSpec:
     """`spec` with every reference replaced by a path (a checkpoint directory for the method's path fields, the
     `generated` folder of a generate run for `data.generated`), and the link tags."""
     config, tags, data = dict(spec.config), dict(spec.tracking.tags), spec.data
+    for field, value in spec.config.items():
+        if isinstance(value, str) and value.startswith(BEST_PREFIX):
+            config[field], run_id = _best_architecture(spec, path, f"config.{field}", value)
+            _link(tags, f"config.{field}", run_id)
     for field in spec.trainer.path_fields:
         value = config.get(field)
         if isinstance(value, str) and value:
@@ -133,3 +142,24 @@ def _run_id_near(checkpoint: Path) -> str | None:
         if remembered.is_file():
             return json.loads(remembered.read_text())["run_id"]
     return None
+
+
+def _best_architecture(spec: ExperimentSpec, path: str | Path | None, key: str, value: str) -> tuple[str, str | None]:
+    """("<space>:<code>" of the search's best architecture, the search's MLflow parent run id)."""
+    import json
+
+    from orchestrator.nas_search import BEST_FILE
+
+    target = value.removeprefix(BEST_PREFIX)
+    if target.startswith(PREFIX):
+        sweep_dir = _run_dir_of_id(spec, path, key, target.removeprefix(PREFIX))
+    elif target.startswith(RUN_PREFIX):
+        sweep_dir = _run_dir_of_name(spec, path, key, target.removeprefix(RUN_PREFIX))
+    else:
+        sweep_dir = Path(target).expanduser()
+    best_file = sweep_dir / BEST_FILE
+    if not best_file.is_file():
+        raise SpecError(path, key, f"an architecture search that finished with a best architecture ({best_file} "
+                        "is missing: run that search first)", value)
+    best = json.loads(best_file.read_text())
+    return best["arch"], best.get("parent_run_id")

@@ -286,7 +286,7 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
             status = "KILLED"
         best = compare.best_row(rows, spec.tune.metric, spec.tune.mode)
         if nas_search.architecture_key(spec) is not None:
-            nas_search.log_search(tracker, parent_id, spec, rows, best, search_logs)
+            nas_search.log_search(tracker, parent_id, spec, rows, best, search_logs, sweep_dir)
         _finish_parent_run(tracker, parent_id, spec, rows, best, status)
     return SweepOutcome(parent_id, tracker.uri, sweep_dir.display, rows, best, resumed, status == "KILLED")
 

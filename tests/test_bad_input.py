@@ -178,6 +178,12 @@ CASES = [
     Case("a generation pipeline that is not there", "config.pipeline: expected a diffusers pipeline directory (with "
          "model_index.json) or a checkpoint of the ddpm method (a directory holding model.pt, run:<name> or "
          "mlflow:<run_id>), found ...nowhere", text="name: gen\nmethod: generate\nconfig: {pipeline: nowhere}\n"),
+    Case("retraining the winner of a search that never ran", "config.arch: expected an architecture search that "
+         "finished with a best architecture (...never-searched/search/best.json is missing: run that search first), "
+         "found 'best:run:never-searched'", {"config": {"arch": "best:run:never-searched"}}),
+    Case("a supernet that is not there", "config.supernet_from: expected the supernet run's checkpoint directory "
+         "(holding model.pt), a model.pt file, run:<name> or mlflow:<run_id>, found ...nowhere",
+         text="name: search\nmethod: path_eval\ndata: {dataset: digits}\nconfig: {supernet_from: nowhere}\n"),
     Case("sweep with an unknown search mode", "tune.mode: expected 'min' or 'max', found 'maximize'",
          {"tune": {"metric": "eval/acc", "mode": "maximize", "space": {"optim.lr": {"loguniform": [0.01, 0.1]}}}},
          command="sweep"),

@@ -1,6 +1,7 @@
 """Experiments that chain under the shared Ray instance, from the shipped files: each run finds the earlier run's
 output by name (`run:<name>`), and its MLflow run is linked to (nested under) that run. Pre-training -> linear
-probe, teacher -> DiffKD student, DDPM -> generation -> SAU. Each method's steps are tested in pure PyTorch."""
+probe, teacher -> DiffKD student, DDPM -> generation -> SAU, supernet -> architecture search -> retraining of the
+winner. Each method's steps are tested in pure PyTorch."""
 
 from __future__ import annotations
 
@@ -73,3 +74,31 @@ def test_ddpm_then_generation_then_sau_is_a_linked_chain(ray_cluster, mlflow_uri
     assert artifacts == {"generated/manifest.json", "generated/samples.png"}
     assert sau.data.params["data.generated"] == str(tmp_path / "generate-digits" / "generated")
     assert {"eval/acc", "eval/many_acc", "eval/few_acc"} <= set(sau.data.metrics)
+
+
+def test_supernet_then_search_then_retraining_is_a_linked_chain(ray_cluster, mlflow_uri, tmp_path: Path) -> None:
+    """A K-shot supernet trains; NSGA-II searches it (each trial evaluates one path with the shared weights); the
+    search's winner (`best:run:<search>`) is retrained stand-alone."""
+    storage = f"storage_path={tmp_path}"
+    files = REPO / "experiments" / "kshot_nas"
+    assert main(["run", str(files / "digits.yaml"), "--set", storage, "optim.steps=6", "config.warmup_steps=2",
+                 "eval.every=null", "checkpoint.every=6"]) == 0
+    assert main(["search", str(files / "digits_search.yaml"), "--set", storage, "tune.num_samples=3",
+                 "tune.searcher.population_size=2", "config.calib_batches=2", "config.eval_batches=2"]) == 0
+    best = json.loads((tmp_path / "kshot-nas-digits-search" / "search" / "best.json").read_text())
+    assert main(["run", str(files / "digits_retrain.yaml"), "--set", storage, "optim.steps=6", "eval.every=6",
+                 "checkpoint.every=6"]) == 0
+
+    supernet_id, search_id, retrain_id = run_ids(tmp_path, "kshot-nas-digits", "kshot-nas-digits-search",
+                                                 "kshot-nas-digits-retrain")
+    client = MlflowClient(mlflow_uri)
+    trials = [r for r in client.search_runs([client.get_run(search_id).info.experiment_id])
+              if r.data.tags.get("mlflow.parentRunId") == search_id and "trial_id" in r.data.tags]
+    assert len(trials) == 3 and all(t.data.tags["source.config.supernet_from"] == supernet_id for t in trials)
+    assert all(0.3 <= t.data.metrics["eval/mflops"] <= 0.9 for t in trials)  # the file's FLOPs window
+    assert best["eval/acc"] == max(t.data.metrics["eval/acc"] for t in trials)
+    assert best["arch"] in {t.data.params["config.arch"] for t in trials}
+    retrain = client.get_run(retrain_id)
+    assert retrain.data.params["config.arch"] == best["arch"] == client.get_run(search_id).data.tags["best_arch"]
+    assert retrain.data.tags["source.config.arch"] == retrain.data.tags["mlflow.parentRunId"] == search_id
+    assert 0.0 <= retrain.data.metrics["eval/acc"] <= 1.0

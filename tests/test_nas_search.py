@@ -14,7 +14,17 @@ import pytest
 import yaml
 
 from orchestrator import spec as spec_mod
-from orchestrator.nas_search import RandomSearch, RegularizedEvolution, TPESearch, build_searcher
+from orchestrator.nas_search import (
+    NSGA2,
+    ExhaustiveSearch,
+    RandomSearch,
+    RegularizedEvolution,
+    TPESearch,
+    build_searcher,
+    crowding_distances,
+    non_dominated_fronts,
+    nsga2_select,
+)
 from orchestrator.spec import SpecError
 from trainers.nas import InvalidArchitecture, arch_value, get_space, parse_arch_value
 from trainers.nas_bench import load_table, lookup
@@ -140,7 +150,7 @@ def drive(searcher, table, evaluations: int) -> list[str]:
     return codes
 
 
-@pytest.mark.parametrize("cls", [RandomSearch, RegularizedEvolution, TPESearch])
+@pytest.mark.parametrize("cls", [RandomSearch, RegularizedEvolution, TPESearch, NSGA2])
 def test_searchers_never_repeat_a_network_and_respect_the_flops_window(cls) -> None:
     table = load_table(str(TABLE), "nas_bench_macro")
     searcher = cls(MACRO, "config.arch", "eval/acc", "max", seed=3, flops=(30.0, 60.0))
@@ -160,7 +170,7 @@ def test_evolution_mutates_one_position_of_a_population_member() -> None:
     assert len(searcher.population) == 10 and searcher.population[-1][0] == child  # the oldest one died
 
 
-@pytest.mark.parametrize("cls", [RegularizedEvolution, TPESearch])
+@pytest.mark.parametrize("cls", [RegularizedEvolution, TPESearch, NSGA2])
 def test_saved_searchers_continue_identically(cls, tmp_path: Path) -> None:
     table = load_table(str(TABLE), "nas_bench_macro")
     searcher = cls(MACRO, "config.arch", "eval/acc", "max", seed=1)
@@ -183,6 +193,53 @@ def test_searchers_improve_on_random_over_many_seeds() -> None:
             found.append(max(lookup(table, c)["eval/acc"] for c in codes))
         best[cls.__name__] = sum(found) / len(found)
     assert best["RegularizedEvolution"] > best["RandomSearch"] and best["TPESearch"] > best["RandomSearch"], best
+
+
+def test_nsga2_fronts_and_crowding_on_hand_made_points() -> None:
+    points = [(3.0, 1.0), (2.0, 2.0), (1.0, 3.0), (1.0, 1.0), (2.0, 1.0), (0.0, 0.0)]  # both maximised
+    assert non_dominated_fronts(points) == [[0, 1, 2], [4], [3], [5]]
+    assert crowding_distances([(3.0, 1.0), (2.0, 2.0), (1.0, 3.0)]) == [float("inf"), 2.0, float("inf")]
+    assert crowding_distances([(1.0, 1.0), (1.0, 2.0), (1.0, 4.0), (1.0, 5.0)])[1:3] == [0.75, 0.75]
+    chosen = nsga2_select(points, 4)
+    assert [(i, rank) for i, rank, _ in chosen] == [(0, 0), (2, 0), (1, 0), (4, 1)]
+
+
+def _hypervolume(front: list[tuple[float, float]], reference: tuple[float, float]) -> float:
+    """Area dominated by `front` (accuracy up, MFLOPs down) above `reference` (worst accuracy, most MFLOPs)."""
+    area, best_acc = 0.0, reference[0]
+    for acc, mflops in sorted(front, key=lambda p: p[1]):
+        if acc > best_acc:
+            area += (acc - best_acc) * (reference[1] - mflops)
+            best_acc = acc
+    return area
+
+
+def test_nsga2_finds_a_better_accuracy_flops_front_than_random() -> None:
+    """NSGA-II's purpose: at 100 evaluations its front of accuracy against MFLOPs dominates more than random search's
+    (hypervolume, mean over 4 seeds: 46.9 vs 45.1)."""
+    table = load_table(str(TABLE), "nas_bench_macro")
+    volume = {}
+    for cls in (RandomSearch, NSGA2):
+        found = []
+        for seed in range(4):
+            kwargs = {"population_size": 10} if cls is NSGA2 else {}
+            codes = drive(cls(MACRO, "config.arch", "eval/acc", "max", seed=seed, **kwargs), table, 100)
+            found.append(_hypervolume([(lookup(table, c)["eval/acc"], MACRO.flops(c)) for c in codes], (0.4, 110.0)))
+        volume[cls.__name__] = sum(found) / len(found)
+    assert volume["NSGA2"] > volume["RandomSearch"], volume
+
+
+def test_exhaustive_search_proposes_every_network_once_then_finishes() -> None:
+    from ray.tune.search import Searcher
+
+    for name, networks in (("macro_digits", 81), ("nas_bench_macro", 3969)):
+        space = get_space(name)
+        searcher = ExhaustiveSearch(space, "config.arch", "eval/acc", "max")
+        codes = []
+        while isinstance(suggestion := searcher.suggest(f"t{len(codes)}"), dict):
+            codes.append(parse_arch_value(suggestion["config.arch"])[1])
+        assert suggestion == Searcher.FINISHED
+        assert len(codes) == len({space.canonical(c) for c in codes}) == networks
 
 
 def test_searcher_is_built_from_the_file(tmp_path: Path) -> None:

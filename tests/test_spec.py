@@ -38,7 +38,7 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
 def test_every_shipped_experiment_is_valid(path: str) -> None:
     spec = spec_mod.load(REPO / path)
     cfg = spec.method_config()
-    if isinstance(getattr(cfg, "arch", None), str):
+    if isinstance(getattr(cfg, "arch", None), str) and not cfg.arch.startswith("best:"):  # a search's winner
         check_arch(cfg.arch)
 
 

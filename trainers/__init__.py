@@ -27,6 +27,9 @@ TRAINERS: dict[str, str] = {
     "diffkd": "trainers.diffkd",
     "ddpm": "trainers.ddpm",
     "generate": "trainers.generate",
+    "kshot_nas": "trainers.kshot_nas",
+    "vitas": "trainers.vitas",
+    "path_eval": "trainers.path_eval",
 }
 
 
