@@ -1,8 +1,10 @@
-"""The guard every comparison benchmark runs first: the experiment files it compares must share their budget."""
+"""What the comparison benchmarks share: the guard they run first (the experiment files they compare must share
+their budget) and the mean ± std cell of their tables."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from orchestrator import spec as spec_mod
@@ -22,3 +24,10 @@ def _get(tree: dict, dotted: str) -> object:
     for part in dotted.split("."):
         tree = tree[part]
     return tree
+
+
+def mean_std(values: list[float], digits: int = 3, per_seed: bool = True) -> str:
+    """"mean ± std (v1, v2, ...)" of one row's seeds (std 0 for one seed)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    cell = f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
+    return cell + (f" ({', '.join(f'{v:.{digits}f}' for v in values)})" if per_seed else "")

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from budget import mean_std
 
 from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
@@ -67,16 +68,11 @@ def check_same_budget() -> None:
         raise SystemExit(f"{DIFFKD.name}: teacher_arch is not the arch of {TEACHER.name}")
 
 
-def _cell(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f} ({', '.join(f'{v:.4f}' for v in values)})"
-
-
 def table(results: dict[str, list[dict[str, float]]]) -> str:
     lines = ["| model | test acc (mean ± std, per seed) | s per run |", "|---|---|---|"]
     for name, runs in results.items():
         seconds = statistics.mean(r["seconds"] for r in runs)
-        lines.append(f"| {name} | {_cell([r['acc'] for r in runs])} | {seconds:.0f} |")
+        lines.append(f"| {name} | {mean_std([r['acc'] for r in runs], 4)} | {seconds:.0f} |")
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from budget import mean_std
 
 from orchestrator import spec as spec_mod
 from orchestrator.data import generated, transforms
@@ -100,17 +101,12 @@ def check_same_budget() -> None:
         raise SystemExit(f"not the same data: {data}")
 
 
-def _cell(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
-
-
 def table(results: dict[str, list[dict[str, float]]], chain: dict[str, float | None]) -> str:
     lines = ["| method | test acc (per seed) | many | medium | few | s per run |", "|---|---|---|---|---|---|"]
     for name, runs in results.items():
         accs = ", ".join(f"{r['acc']:.3f}" for r in runs)
-        groups = " | ".join(_cell([r[g] for r in runs]) if g in runs[0] else "-" for g in GROUPS)
-        lines.append(f"| {name} | {_cell([r['acc'] for r in runs])} ({accs}) | {groups} | "
+        groups = " | ".join(mean_std([r[g] for r in runs], per_seed=False) if g in runs[0] else "-" for g in GROUPS)
+        lines.append(f"| {name} | {mean_std([r['acc'] for r in runs], per_seed=False)} ({accs}) | {groups} | "
                      f"{statistics.mean(r['seconds'] for r in runs):.0f} |")
     lines.append("")
     seconds = chain["ddpm_seconds"]

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from budget import check_same_budget
+from budget import check_same_budget, mean_std
 
 from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
@@ -55,17 +55,12 @@ def probe(init_from: str, seed: int) -> dict[str, float]:
     return {"linear": metrics["eval/acc"], "knn": metrics["eval/knn_acc"]}
 
 
-def _cell(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f} ({', '.join(f'{v:.3f}' for v in values)})"
-
-
 def table(results: dict[str, list[dict[str, float]]]) -> str:
     lines = ["| encoder | linear probe (mean ± std, per seed) | kNN k=20 (mean ± std, per seed) | pre-training s |",
              "|---|---|---|---|"]
     for name, runs in results.items():
         seconds = statistics.mean(r.get("seconds", 0.0) for r in runs)
-        lines.append(f"| {name} | {_cell([r['linear'] for r in runs])} | {_cell([r['knn'] for r in runs])} | "
+        lines.append(f"| {name} | {mean_std([r['linear'] for r in runs])} | {mean_std([r['knn'] for r in runs])} | "
                      f"{seconds:.0f} |")
     return "\n".join(lines)
 
