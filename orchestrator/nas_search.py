@@ -392,14 +392,19 @@ class TPESearch(ArchitectureSearcher):
 BEST_FILE = "search/best.json"
 
 
-def write_best(sweep_dir: Any, best: dict[str, Any]) -> None:
-    """`BEST_FILE` of the sweep directory (a RunDir), written to a temporary name and renamed."""
+def write_best(sweep_dir: Any, spec: ExperimentSpec, best: dict[str, Any], parent_id: str) -> None:
+    """The best architecture of a finished search as `BEST_FILE` of its sweep directory (a RunDir), written to a
+    temporary name and renamed."""
     import json
 
+    key, _ = architecture_key(spec)
+    space, code = parse_arch_value(best[key])
+    record = {"arch": best[key], spec.tune.metric: best.get(spec.tune.metric), "mflops": space.flops(code),
+              "parent_run_id": parent_id}
     path = f"{sweep_dir.path}/{BEST_FILE}"
     sweep_dir.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with sweep_dir.fs.open_output_stream(f"{path}.partial") as stream:
-        stream.write(json.dumps(best, indent=1).encode())
+        stream.write(json.dumps(record, indent=1).encode())
     sweep_dir.fs.move(f"{path}.partial", path)
 
 
@@ -432,9 +437,8 @@ def trajectory_rows(client: Any, spec: ExperimentSpec, rows: list[dict[str, Any]
 
 
 def log_search(tracker: Any, parent_id: str, spec: ExperimentSpec, rows: list[dict[str, Any]],
-               best: dict[str, Any] | None, logs: str | None, sweep_dir: Any) -> None:
-    """The search's table, trajectory plot, best architecture and the searcher's own logs on the parent run; the
-    best architecture also in the sweep directory (BEST_FILE)."""
+               best: dict[str, Any] | None, logs: str | None) -> None:
+    """The search's table, trajectory plot, best architecture and the searcher's own logs on the parent run."""
     import json
 
     from orchestrator import compare
@@ -449,8 +453,6 @@ def log_search(tracker: Any, parent_id: str, spec: ExperimentSpec, rows: list[di
             tracker.client.log_artifact(parent_id, str(tmp / "search_trajectory.png"))
     if best is not None and key in best:
         space, code = parse_arch_value(best[key])
-        write_best(sweep_dir, {"arch": best[key], spec.tune.metric: best.get(spec.tune.metric),
-                               "mflops": space.flops(code), "parent_run_id": parent_id})
         tracker.client.set_tag(parent_id, "best_arch", best[key])
         tracker.client.log_metric(parent_id, "best/arch_mflops", space.flops(code))
         tracker.client.log_metric(parent_id, "best/arch_params_m", space.params(code))

@@ -286,7 +286,9 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
             status = "KILLED"
         best = compare.best_row(rows, spec.tune.metric, spec.tune.mode)
         if nas_search.architecture_key(spec) is not None:
-            nas_search.log_search(tracker, parent_id, spec, rows, best, search_logs, sweep_dir)
+            nas_search.log_search(tracker, parent_id, spec, rows, best, search_logs)
+            if status == "FINISHED" and best is not None:  # what `best:run:<name>` of a retraining reads
+                nas_search.write_best(sweep_dir, spec, best, parent_id)
         _finish_parent_run(tracker, parent_id, spec, rows, best, status)
     return SweepOutcome(parent_id, tracker.uri, sweep_dir.display, rows, best, resumed, status == "KILLED")
 
