@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator import spec as experiment_spec
-from trainers import vitas
+from trainers import DataInfo, vitas
 from trainers.nas import get_space
 from trainers.nas.space import count_macs
 from trainers.nas.supernet import load_supernet
 from trainers.nas.vit import VIT_DIGITS, VITAS_DEIT, ViTSpace
+from trainers.path_eval import build_supernet
 
 EXPERIMENTS = [Path(__file__).parents[1] / "experiments" / "vitas" / f"{name}.yaml"
                for name in ("digits", "digits_baseline", "imagenet_deit_1g")]  # the superformer's own files
@@ -210,7 +211,8 @@ def test_monitor_paths_and_eval_step():
 def test_a_saved_superformer_reloads_with_the_same_outputs(tmp_path: Path):
     model = superformer("left", False)
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    loaded = load_supernet(tmp_path / "model.pt", lambda method, fields: vitas.from_config(fields)).eval()
+    info = DataInfo(num_classes=10, image_size=16, in_channels=1, num_train=8, num_labeled=8)
+    loaded = load_supernet(tmp_path / "model.pt", lambda method, fields: build_supernet(method, fields, info)).eval()
     assert dataclasses.asdict(loaded.cfg) == dataclasses.asdict(model.cfg) and loaded.cfg.channel_sharing == "left"
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():

@@ -155,12 +155,6 @@ class Superformer(Supernet):
         return F.linear(cls, self.head.weight[:, idx], self.head.bias)
 
 
-def from_config(fields: dict[str, Any]) -> Superformer:
-    """An untrained superformer from recorded Config fields (`trainers.nas.supernet.load_supernet`'s `build`)."""
-    cfg = Config(**fields)
-    return Superformer(get_space(cfg.space), cfg)
-
-
 def build(cfg: Config, info: DataInfo) -> nn.Module:
     space = get_space(cfg.space)
     found = (info.num_classes, info.in_channels, info.image_size)
