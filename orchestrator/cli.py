@@ -1,4 +1,4 @@
-"""`orchestrator run | sweep | search | submit | compare | check | ls`: the command line.
+"""`orchestrator run | sweep | search | submit | compare | profile | plan | check | ls`: the command line.
 
 Exit status: 0 on success, 1 when a run fails, 2 when the experiment file (or an override) is invalid; a bad
 file is always reported before Ray starts.
@@ -71,6 +71,31 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="compare", help="directory for compare.csv, compare.md, compare.png")
     compare.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     compare.set_defaults(func=cmd_compare)
+
+    profile = commands.add_parser("profile", help="micro-benchmark the performance model's operators on this "
+                                  "hardware and the collectives over the Ray cluster's nodes, into a Parquet table")
+    profile.add_argument("--out", default=None, help="the table (default: profiles/<host>-<cpu|cuda>.parquet)")
+    profile.add_argument("--samples", type=int, default=40, help="shapes per operator kind (default: 40)")
+    profile.add_argument("--threads", type=int, default=1, help="CPU threads per rank on a CPU cluster, as the runs "
+                         "to predict use (their resources.cpus_per_worker; default: 1)")
+    profile.add_argument("--quick", action="store_true", help="tiny shapes only, in seconds: checks a cluster's "
+                         "set-up, too small to plan with")
+    profile.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    profile.set_defaults(func=cmd_profile)
+
+    plan = commands.add_parser("plan", help="predict the step time, memory and run time of an lm experiment under "
+                               "every parallel layout on N GPUs, and write the fastest as an override")
+    _add_file_args(plan)
+    plan.add_argument("--gpus", "--devices", dest="devices", type=int, required=True, help="devices in all")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes they are spread over (default: 1)")
+    plan.add_argument("--hardware", default="h100", help="a profile table from `orchestrator profile`, or a "
+                      "datasheet: a100, h100, h200, gh200 (default: h100)")
+    plan.add_argument("--out", default=None, help="directory for plan.csv, plan.md and the override (default: "
+                      "plans/<name>)")
+    plan.add_argument("--top", type=int, default=15, help="layouts to print (default: 15)")
+    plan.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else the file's "
+                      "tracking.tracking_uri, else sqlite:///mlflow.db")
+    plan.set_defaults(func=cmd_plan)
 
     check = commands.add_parser("check", help="validate an experiment file without running it")
     _add_file_args(check)
@@ -191,6 +216,64 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    import socket
+
+    import ray
+
+    from orchestrator.perfmodel.profile import profile, read_table
+    from orchestrator.perfmodel.regress import FittedModel
+
+    _init_ray(args.address)
+    device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    out = Path(args.out or f"profiles/{socket.gethostname()}-{device}.parquet")
+    if args.quick:
+        profile(out, samples=min(args.samples, 12), collective_points=3, threads=args.threads, cap_scale=1e-3)
+    else:
+        profile(out, samples=args.samples, threads=args.threads)
+    model = FittedModel(*read_table(out))
+    print(f"{'operator':<18} {'key':<14} {'chosen':<9} cross-validated error: analytic / hybrid / forest")
+    for row in model.summary():
+        errors = " / ".join(f"{row.get(f'cv_mape_{n}', float('nan')):.1f}%" for n in ("analytic", "hybrid", "forest"))
+        print(f"{row['kind']:<18} {row['key']:<14} {row['choice']:<9} {errors}")
+    print(f"wrote {out} ({model.hardware})")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import time
+
+    from orchestrator.perfmodel import plan as plan_mod
+    from orchestrator.tracking import display_uri, resolve_tracking_uri
+
+    spec = spec_mod.load(args.file, args.overrides)
+    if args.devices <= 0 or args.nodes <= 0 or args.devices % args.nodes:
+        print(f"error: --gpus {args.devices} must be a positive multiple of --nodes {args.nodes}", file=sys.stderr)
+        return 2
+    try:
+        predictor = plan_mod.predictor_for(args.hardware)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    rows = plan_mod.plan(spec, predictor, args.devices, args.nodes, str(args.file))
+    seconds = time.perf_counter() - started
+    files = plan_mod.write(spec, str(args.file), list(args.overrides), rows, Path(args.out or f"plans/{spec.name}"))
+    print(f"{spec.name} on {args.devices} x {predictor.hardware} over {args.nodes} node(s): {len(rows)} layouts, "
+          f"{sum(r['fits'] for r in rows)} fit in memory, predicted in {seconds:.2f} s")
+    print(plan_mod.to_markdown(rows, args.top), end="")
+    if "override" in files:
+        print(f"fastest layout the orchestrator runs: {files['override']} (run it with `orchestrator run "
+              f"{files['override']}`)")
+    else:
+        print("no data-parallel layout fits in memory: see the tp/pp rows, or add devices", file=sys.stderr)
+    uri = resolve_tracking_uri(args.tracking_uri or spec.tracking.tracking_uri)
+    run_id = plan_mod.log_to_mlflow(uri, spec, str(args.file), predictor.hardware, args.devices, args.nodes, rows,
+                                    files, seconds)
+    print(f"wrote {files['csv'].parent}; MLflow run {run_id} in {display_uri(uri)}")
+    return 0
+
+
 def _init_ray(address: str | None) -> None:
     import ray
 
@@ -209,7 +292,7 @@ def _summary(spec: ExperimentSpec) -> str:
             f"{f' + {r.gpus_per_worker} GPU' if r.gpus_per_worker else ''}")
 
 
-def _print_outcome(outcome) -> None:  # noqa: ANN001 - launch.RunOutcome, imported lazily
+def _print_outcome(outcome) -> None:
     from orchestrator.tracking import display_uri
 
     evals = {k: v for k, v in outcome.metrics.items() if k.startswith("eval/")}
@@ -222,7 +305,7 @@ def _print_outcome(outcome) -> None:  # noqa: ANN001 - launch.RunOutcome, import
         print(f"open the UI with: mlflow ui --backend-store-uri {uri}")
 
 
-def _print_sweep(outcome, spec: ExperimentSpec) -> None:  # noqa: ANN001 - tune.SweepOutcome, imported lazily
+def _print_sweep(outcome, spec: ExperimentSpec) -> None:
     from orchestrator.compare import format_table
     from orchestrator.tracking import display_uri
 

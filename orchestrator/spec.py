@@ -82,7 +82,7 @@ class DataSpec(_Strict):
     val_fraction: float = Field(default=0.05, gt=0, lt=1)
     cache_dir: str | None = None  # tokenizer + Parquet shards; default ~/.cache/lab-orchestrator/text
     @model_validator(mode="after")
-    def _check(self) -> "DataSpec":
+    def _check(self) -> DataSpec:
         if self.labeled_per_class is not None and self.labeled_fraction is not None:
             raise ValueError("at most one of labeled_per_class and labeled_fraction")
         if self.dataset in DATASETS_NEEDING_ROOT and not self.root:
@@ -122,7 +122,7 @@ class DeepSpeedSpec(_Strict):
     config: dict[str, Any] = {}
 
     @model_validator(mode="after")
-    def _check(self) -> "DeepSpeedSpec":
+    def _check(self) -> DeepSpeedSpec:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("zero_stage 3 for offload_params")
         return self
@@ -231,12 +231,17 @@ class ExperimentSpec(_Strict):
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentSpec:
     """Read `path` (and its `base:`), apply `--set key=value` overrides, validate everything."""
+    return validate(load_raw(path, overrides), path)
+
+
+def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keys `path` sets (merged over its `base:`) with the `--set` overrides applied, not yet validated."""
     path = Path(path)
     raw = _merged_yaml(path)
     for item in overrides:
         key, value = _parse_override(item)
         set_dotted(raw, key, value, path)
-    return validate(raw, path)
+    return raw
 
 
 def validate(raw: dict[str, Any], path: str | Path | None = None) -> ExperimentSpec:

@@ -1,0 +1,173 @@
+"""Per-operator regressors fitted on a profile table, and the spec-sheet roofline used without one.
+
+For every operator kind (per dtype; collectives per tier) three candidates are fitted and compared by 5-fold
+cross-validated absolute percentage error, and the best one predicts (the simpler one when within half a point):
+
+    analytic  t = c0 + c1 FLOPs + c2 bytes (c >= 0, least squares on relative error): latency plus the work at a
+              fitted throughput, the additive roofline; for collectives c0 + c1 log2(world) + c2 ring-bytes
+    forest    a random forest on log features (the shape, log FLOPs, log bytes) predicting log t: captures BLAS
+              tiling and algorithm switches, but is flat outside the sampled range
+    hybrid    the analytic model times a forest fitted on log(t / analytic): the forest's corrections inside the
+              range, the analytic slope outside it
+
+`Datasheet` predicts from a device's published peak throughput and bandwidths (with fixed efficiencies) when no
+profile of the hardware exists, e.g. planning a cluster of GPUs from a laptop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.optimize import nnls
+from sklearn.ensemble import RandomForestRegressor
+from sklearn.model_selection import KFold
+
+from orchestrator.perfmodel.ops import COLLECTIVES, cost
+
+BUSY = ":busy"  # compute measured with every rank of the node running (profile.profile_compute_loaded)
+CANDIDATES = ("analytic", "hybrid", "forest")  # simplest first: a tie within TIE points goes to the simpler
+TIE = 0.5
+WORD = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def compute_key(dtype: str, busy: bool) -> str:
+    """The regressor key of a compute operator: its dtype, marked when every rank of the node is running."""
+    return dtype + (BUSY if busy else "")
+
+
+def _cost_matrix(kind: str, shapes: np.ndarray, word: int) -> np.ndarray:  # (N, F) -> (N, 2) FLOPs, bytes
+    return np.array([cost(kind, tuple(int(v) for v in shape), word) for shape in shapes], dtype=float)
+
+
+def _analytic_basis(kind: str, shapes: np.ndarray, word: int) -> np.ndarray:  # (N, 3)
+    costs = _cost_matrix(kind, shapes, word)
+    if kind in COLLECTIVES:
+        return np.column_stack([np.ones(len(shapes)), np.log2(shapes[:, 1]), costs[:, 1]])
+    if kind in ("adamw", "grad_norm"):  # per-tensor launch cost instead of FLOPs (a fixed multiple of the bytes)
+        return np.column_stack([np.ones(len(shapes)), shapes[:, 1], costs[:, 1]])
+    return np.column_stack([np.ones(len(shapes)), costs])
+
+
+def _forest_features(kind: str, shapes: np.ndarray, word: int) -> np.ndarray:
+    costs = _cost_matrix(kind, shapes, word)
+    return np.log(np.column_stack([shapes, np.maximum(costs, 1.0)]).astype(float))
+
+
+@dataclass
+class KindModel:
+    """One operator kind's fitted regressor."""
+
+    kind: str
+    word: int
+    choice: str = "hybrid"
+    coef: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    forest: Any = None  # on log t (choice forest) or on log(t / analytic) (choice hybrid)
+    cv_mape: dict[str, float] = field(default_factory=dict)
+
+    def fit(self, shapes: np.ndarray, seconds: np.ndarray, choice: str) -> KindModel:
+        self.choice = choice
+        basis = _analytic_basis(self.kind, shapes, self.word)
+        self.coef = nnls(basis / seconds[:, None], np.ones(len(seconds)))[0]  # minimise relative error
+        if choice != "analytic":
+            target = np.log(seconds) - (np.log(self._analytic(shapes)) if choice == "hybrid" else 0.0)
+            self.forest = RandomForestRegressor(n_estimators=60, min_samples_leaf=2, random_state=0)
+            self.forest.fit(_forest_features(self.kind, shapes, self.word), target)
+        return self
+
+    def _analytic(self, shapes: np.ndarray) -> np.ndarray:
+        return np.maximum(_analytic_basis(self.kind, shapes, self.word) @ self.coef, 1e-7)
+
+    def predict(self, shapes: np.ndarray) -> np.ndarray:  # (N, F) -> (N,) seconds
+        if self.choice == "analytic":
+            return self._analytic(shapes)
+        correction = self.forest.predict(_forest_features(self.kind, shapes, self.word))
+        return np.exp(correction) * (self._analytic(shapes) if self.choice == "hybrid" else 1.0)
+
+
+def cross_validate(kind: str, word: int, shapes: np.ndarray, seconds: np.ndarray, folds: int = 5) -> dict[str, float]:
+    """Mean absolute percentage error of each candidate on held-out folds."""
+    errors: dict[str, list[float]] = {name: [] for name in CANDIDATES}
+    splits = KFold(n_splits=min(folds, len(seconds)), shuffle=True, random_state=0).split(shapes)
+    for train, test in splits:
+        for name in CANDIDATES:
+            model = KindModel(kind, word).fit(shapes[train], seconds[train], name)
+            errors[name] += list(np.abs(model.predict(shapes[test]) / seconds[test] - 1.0))
+    return {name: 100.0 * float(np.mean(values)) for name, values in errors.items()}
+
+
+class FittedModel:
+    """Every operator kind of a profile table, each with its cross-validated choice of regressor."""
+
+    def __init__(self, rows: list[dict[str, Any]], meta: dict[str, Any]):
+        self.meta = meta
+        self.hardware = meta["hardware"]
+        self.devices_per_node = int(meta.get("devices_per_node", 1))
+        self.models: dict[tuple[str, str], KindModel] = {}
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in rows:
+            groups.setdefault((row["kind"], row["tier"] or compute_key(row["dtype"], row.get("ranks", 1) > 1)),
+                              []).append(row)
+        for key, group in sorted(groups.items()):
+            shapes = np.array([r["shape"] for r in group], dtype=float)
+            seconds = np.array([r["seconds"] for r in group], dtype=float)
+            word = WORD[group[0]["dtype"]]
+            cv = cross_validate(key[0], word, shapes, seconds) if len(group) >= 10 else {"analytic": math.nan}
+            best = min(value for value in cv.values() if not math.isnan(value)) if len(cv) > 1 else math.nan
+            choice = next((name for name in CANDIDATES if cv.get(name, math.nan) <= best + TIE), "analytic")
+            model = KindModel(key[0], word).fit(shapes, seconds, choice)
+            model.cv_mape = cv
+            self.models[key] = model
+
+    def predict(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:
+        """Seconds of `kind` at each shape; `key` is compute_key(dtype, busy) for compute, the tier for collectives.
+        A profile of one node answers the inter tier with its intra samples, a profile of one rank answers busy
+        nodes with its samples alone."""
+        fallback = {"inter": "intra"}.get(key, key.removesuffix(BUSY))
+        model = self.models.get((kind, key)) or self.models.get((kind, fallback))
+        if model is None:
+            known = sorted({k for k, _ in self.models})
+            raise KeyError(f"the profile of {self.hardware} has no samples of {kind} ({key}); it has {known}")
+        return model.predict(np.asarray(shapes, dtype=float))
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [{"kind": kind, "key": key, "choice": m.choice, **{f"cv_mape_{n}": v for n, v in m.cv_mape.items()}}
+                for (kind, key), m in self.models.items()]
+
+
+@dataclass(frozen=True)
+class Datasheet:
+    """Roofline of a device from its published numbers: t = max(FLOPs / (eff F), bytes / (eff B)) + launch;
+    collectives t = latency + ring-bytes / link bandwidth (NVLink inside a node, the NIC across nodes)."""
+
+    hardware: str
+    flops: float  # dense bf16 FLOP/s
+    hbm: float  # bytes/s
+    intra_bw: float  # bytes/s per device inside a node
+    inter_bw: float  # bytes/s per device across nodes
+    memory: float  # bytes per device
+    devices_per_node: int = 8
+    gemm_efficiency: float = 0.7
+    other_efficiency: float = 0.5
+    launch: float = 5e-6
+    latency: dict[str, float] = field(default_factory=lambda: {"intra": 1e-5, "inter": 3e-5})
+
+    def predict(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:
+        shapes = np.asarray(shapes, dtype=float)
+        word = WORD.get(key.removesuffix(BUSY), 4)
+        costs = _cost_matrix(kind, shapes, word)
+        if kind in COLLECTIVES:
+            bandwidth = self.intra_bw if key == "intra" else self.inter_bw
+            return self.latency[key] * np.log2(np.maximum(shapes[:, 1], 2)) + costs[:, 1] / bandwidth
+        efficiency = self.gemm_efficiency if kind == "gemm" or kind.startswith("sdpa") else self.other_efficiency
+        return self.launch + np.maximum(costs[:, 0] / (efficiency * self.flops), costs[:, 1] / (efficiency * self.hbm))
+
+
+DATASHEETS = {  # vendor peak numbers: dense bf16 tensor-core FLOP/s, HBM, NVLink per GPU, one 200/400 Gb/s NIC per GPU
+    "a100": Datasheet("NVIDIA A100-SXM4-80GB (datasheet)", 312e12, 2.04e12, 300e9, 25e9, 80 * 2**30),
+    "h100": Datasheet("NVIDIA H100-SXM5-80GB (datasheet)", 989e12, 3.35e12, 450e9, 50e9, 80 * 2**30),
+    "h200": Datasheet("NVIDIA H200-SXM-141GB (datasheet)", 989e12, 4.8e12, 450e9, 50e9, 141 * 10**9),
+    "gh200": Datasheet("NVIDIA GH200 (datasheet)", 989e12, 4.0e12, 25e9, 25e9, 96 * 2**30, devices_per_node=1),
+}
