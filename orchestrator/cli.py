@@ -232,10 +232,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         profile(out, samples=args.samples, threads=args.threads)
     model = FittedModel(*read_table(out))
-    print(f"{'operator':<18} {'key':<14} {'chosen':<9} cross-validated error: analytic / hybrid / forest")
+    print(f"{'operator':<18} {'key':<9} {'chosen':<9} cross-validated time-weighted error: analytic / hybrid / forest")
     for row in model.summary():
-        errors = " / ".join(f"{row.get(f'cv_mape_{n}', float('nan')):.1f}%" for n in ("analytic", "hybrid", "forest"))
-        print(f"{row['kind']:<18} {row['key']:<14} {row['choice']:<9} {errors}")
+        errors = " / ".join(f"{row.get(f'cv_wape_{n}', float('nan')):.1f}%" for n in ("analytic", "hybrid", "forest"))
+        print(f"{row['kind']:<18} {row['key']:<9} {row['choice']:<9} {errors}")
     print(f"wrote {out} ({model.hardware})")
     return 0
 

@@ -12,8 +12,9 @@
                   steps two flat fp32 partitions, DDP the model's tensors)
 
 `overlap` is how much of a collective hides behind compute: 1 on GPUs (NCCL runs on its own stream), 0 on CPUs
-(gloo's threads compete with the compute for the same cores). Compute is predicted from the samples taken with
-every rank of a node busy when the layout puts more than one rank on a node. A collective's tier is "intra" when its group fits
+(gloo's threads compete with the compute for the same cores). Operators are sampled alone; how a whole step slows
+when every rank of a node runs one, and what a synchronous step loses to its slowest rank, are the profile's
+reference-step factors (node_slowdown; regress.node_factors). A collective's tier is "intra" when its group fits
 in one node (ranks are numbered tp fastest, then pp, then dp), else "inter".
 """
 
@@ -26,7 +27,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from orchestrator.perfmodel.ops import Op, micro_batch_ops
-from orchestrator.perfmodel.regress import compute_key
 from orchestrator.perfmodel.workload import Workload
 
 DDP_BUCKET_BYTES = 25 * 2**20
@@ -35,6 +35,8 @@ DDP_BUCKET_BYTES = 25 * 2**20
 class Predictor(Protocol):
     hardware: str
     devices_per_node: int
+    busy_factor: float
+    sync_skew: float
 
     def predict(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray: ...
 
@@ -83,8 +85,7 @@ def collective(predictor: Predictor, kind: str, nbytes: float, world: int, group
 def step_time(w: Workload, predictor: Predictor, overlap: float) -> Breakdown:
     dpn = predictor.devices_per_node
     ops = micro_batch_ops(w, tier(w.tp, 1, dpn))
-    busy = min(w.devices, dpn) > 1
-    seconds = predict_ops(ops, predictor, compute_key(w.dtype, busy))
+    seconds = predict_ops(ops, predictor, w.dtype) * node_slowdown(w, predictor)
     part = {name: 0.0 for name in ("layer_fwd", "layer_bwd", "first_fwd", "first_bwd", "last_fwd", "last_bwd")}
     for op, t in zip(ops, seconds):
         part[op.part] += op.count * t
@@ -103,7 +104,7 @@ def step_time(w: Workload, predictor: Predictor, overlap: float) -> Breakdown:
     bubble = (w.pp - 1) * (t_f + t_b + p2p)
     dp_comm = data_parallel_comm(w, predictor, t_b, t_f + t_b, overlap)
     return Breakdown(forward=m * t_f, backward=m * t_b, bubble=bubble, pipeline_p2p=m * p2p, dp_comm=dp_comm,
-                     optimizer=optimizer_time(w, predictor, compute_key("float32", busy)))
+                     optimizer=optimizer_time(w, predictor) * node_slowdown(w, predictor))
 
 
 def data_parallel_comm(w: Workload, predictor: Predictor, t_backward: float, t_micro: float, overlap: float) -> float:
@@ -129,13 +130,20 @@ def data_parallel_comm(w: Workload, predictor: Predictor, t_backward: float, t_m
     return w.grad_accum * max(per_micro - overlap * t_micro, per_micro / max(1, w.n_layers // w.pp))
 
 
-def optimizer_time(w: Workload, predictor: Predictor, key: str) -> float:
+def node_slowdown(w: Workload, predictor: Predictor) -> float:
+    """The profile's step-level factors: compute slows by busy_factor when the layout puts several ranks on a node,
+    and a synchronous data-parallel step loses sync_skew of it to waiting for its slowest rank."""
+    busy = predictor.busy_factor if min(w.devices, predictor.devices_per_node) > 1 else 1.0
+    return busy * (1.0 + (predictor.sync_skew if w.devices > 1 else 0.0))
+
+
+def optimizer_time(w: Workload, predictor: Predictor) -> float:
     params = w.stage_params() / (w.dp if (w.zero or 0) >= 1 else 1)
     tensors = 2 if w.zero is not None else 12 * (w.n_layers // w.pp) + 3
     shape = np.array([[params, tensors]])
-    seconds = float(predictor.predict("adamw", key, shape)[0])
+    seconds = float(predictor.predict("adamw", "float32", shape)[0])
     if w.clip_grad:
-        seconds += float(predictor.predict("grad_norm", key, shape)[0])
+        seconds += float(predictor.predict("grad_norm", "float32", shape)[0])
     return seconds
 
 

@@ -41,6 +41,7 @@ class Cached:
     def __init__(self, predictor: Any):
         self.inner, self.table = predictor, {}
         self.hardware, self.devices_per_node = predictor.hardware, predictor.devices_per_node
+        self.busy_factor, self.sync_skew = predictor.busy_factor, predictor.sync_skew
         self.recording: set[tuple[str, str, tuple[float, ...]]] | None = None
 
     def predict(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:
@@ -110,6 +111,9 @@ def plan(spec: ExperimentSpec, predictor: Any, devices: int, nodes: int = 1, pat
     if devices % nodes:
         raise ValueError(f"--devices {devices} is not a multiple of --nodes {nodes}")
     base = from_spec(spec, path)
+    dtypes = getattr(predictor, "dtypes", [base.dtype])
+    if base.dtype not in dtypes:  # e.g. a bf16 GPU experiment planned on a CPU's fp32 profile
+        base = base.with_layout(dtype=dtypes[0])
     cached, overlap, limit = Cached(predictor), overlap_of(predictor), memory_limit(predictor)
     cached.devices_per_node = devices // nodes  # the cluster asked for, not the profiled one
     candidates = layouts(base.with_layout(dp=1, tp=1, pp=1, grad_accum=1, zero=None), devices, devices // nodes)

@@ -2,12 +2,13 @@
 the cluster's tiers, into one Parquet table.
 
 Shapes are drawn log-uniformly (seeded) inside each kind's range, skipping any whose work is over the range's cap,
-so one sample never takes more than about a second. Each compute shape is timed twice: in this process alone on
-the node (`ranks` 1), and on every rank of the node at once inside Ray actors (`ranks` = devices per node), as a
-data-parallel step runs: on a CPU node the ranks share cores, memory bandwidth and the CPU time Ray's own
-processes take, which slows a synchronous step measurably (about 10% on 2 cores). Collectives are sampled across
-Ray actors placed on one node ("intra": STRICT_PACK) and, when the cluster has several nodes, one actor per node
-("inter": STRICT_SPREAD).
+so one sample never takes more than about a second. Every sample runs in Ray actors (the driver needs no device).
+Compute operators are timed alone on a node. A fixed reference training step is timed alone, on every rank of a
+node at once, and with its gradient all-reduce: on a CPU node the ranks share cores, memory bandwidth and the CPU
+time of Ray's own processes, and a synchronous step waits for its slowest rank, which isolated operators do not
+show (measured here: about +10% and +4% on 2 cores); regress.node_factors turns these into two factors.
+Collectives are sampled across actors placed on one node ("intra": STRICT_PACK) and, when the cluster has several
+nodes, one actor per node ("inter": STRICT_SPREAD).
 
 Table columns: kind, shape (list of ints, ops.FEATURES order), tier ("" for compute), dtype, ranks, seconds,
 hardware.
@@ -22,6 +23,7 @@ import math
 import os
 import platform
 import socket
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,7 @@ def ranges(device: str, cap_scale: float = 1.0) -> dict[str, Range]:
     work = (1e12 if big else 6e8) * cap_scale  # FLOPs + elements moved, for the rest
     dims = (16, 16384 if big else 8192)
     rows, width = (16, 2**17), (32, 16384)
-    attn = ((1, 512), (32, 8192 if big else 2048), (32, 64, 128))
+    attn = ((1, 512), (32, 8192 if big else 2048), (16, 32, 64, 128))
     vocab = (256, 2**17)
     return {
         "gemm": Range((dims, dims, dims), flops),
@@ -125,9 +127,8 @@ def _row(kind: str, shape: tuple[int, ...], seconds: float, dtype: torch.dtype, 
 
 
 def profile_compute(group: RankGroup, dtype: torch.dtype, grid: list[tuple[str, tuple[int, ...]]]) -> list[dict]:
-    """Time every (kind, shape) of `grid` on all ranks of `group` at once, the mean over its ranks. One rank: the
-    operator alone on its node. Every rank of a node: as a data-parallel step runs it, sharing the node's memory
-    system, cores and the CPU time of the runtime's own processes."""
+    """Time every (kind, shape) of `grid` on the ranks of `group` (one: the operator alone on its node), the mean
+    over the ranks."""
     import ray
 
     rows = []
@@ -136,6 +137,20 @@ def profile_compute(group: RankGroup, dtype: torch.dtype, grid: list[tuple[str, 
         rows.append(_row(kind, shape, float(np.mean(seconds)), dtype, ranks=len(group.actors)))
     log.info("profiled %d operator shapes on %d rank(s) at once", len(rows), len(group.actors))
     return rows
+
+
+REFERENCE_STEP = {"cpu": (4096, 512, 2048), "cuda": (16384, 4096, 16384)}  # tokens, width, MLP hidden
+
+
+def node_reference(group: RankGroup, tokens: int) -> dict[str, float]:
+    """The reference step on every rank of a node at once: without communication (busy_s), and with the all-reduce
+    of its gradients (sync_s), each the slowest rank's; and that all-reduce alone (allreduce_s)."""
+    import ray
+
+    busy = max(ray.get([actor.reference_step.remote(tokens, False) for actor in group.actors]))
+    synced = max(ray.get([actor.reference_step.remote(tokens, True) for actor in group.actors]))
+    allreduce = max(ray.get([actor.collective.remote("allreduce", synced[1]) for actor in group.actors]))
+    return {"busy_s": busy[0], "sync_s": synced[0], "allreduce_s": allreduce}
 
 
 def message_sizes(largest: int, points: int) -> list[int]:
@@ -221,6 +236,34 @@ class RankBench:
         dist.barrier()
         return microbench.seconds_per_call(call, self.device)
 
+    def reference_step(self, tokens: int, all_reduce: bool, steps: int = 30) -> tuple[float, int]:
+        """(mean seconds per step, gradient bytes) of a fixed MLP training step (Linear-GELU-Linear on `tokens`
+        rows, plain SGD), with the gradients all-reduced as one flat buffer when `all_reduce`: a step-level sample
+        of how ranks sharing a node, and synchronising, slow each other."""
+        import torch.distributed as dist
+
+        _, width, hidden = REFERENCE_STEP[self.device.type]
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, width))
+        net = net.to(self.device, dtype)
+        x = torch.randn(tokens, width, device=self.device, dtype=dtype)
+        params = list(net.parameters())
+
+        def step() -> None:
+            for p in params:
+                p.grad = None
+            ((net(x) - x) ** 2).mean().backward()
+            if all_reduce:
+                dist.all_reduce(torch.cat([p.grad.flatten() for p in params]))
+            with torch.no_grad():
+                for p in params:
+                    p -= 1e-3 * p.grad
+
+        dist.barrier()
+        seconds = microbench.seconds_per_call(step, self.device, warmup=3, iters=steps, statistic=statistics.fmean)
+        return seconds, sum(p.numel() for p in params) * params[0].element_size()
+
     def collective(self, kind: str, nbytes: int) -> float:
         import torch.distributed as dist
 
@@ -272,17 +315,19 @@ def profile(out: Path, samples: int = 40, collective_points: int = 10, seed: int
     grid = draw_grid(device, samples, seed, cap_scale=cap_scale)
     per_node, nodes = cluster_shape(use_gpu, threads)
     sizes = message_sizes(max(2**12, int((2**30 if use_gpu else 2**26) * cap_scale)), collective_points)
+    reference_tokens = max(64, int(REFERENCE_STEP[device][0] * cap_scale ** (1 / 3)))
     with RankGroup("intra", 1, use_gpu, threads) as alone:
         rows = profile_compute(alone, dtype, grid)
         hardware, memory = ray.get(alone.actors[0].describe.remote(per_node))
+        reference = {"alone_s": ray.get(alone.actors[0].reference_step.remote(reference_tokens, False))[0]}
     for world in sorted({w for w in (2, 4, 8) if w < per_node} | ({per_node} if per_node > 1 else set())):
         with RankGroup("intra", world, use_gpu, threads) as group:
             if world == per_node:
-                rows += profile_compute(group, dtype, grid)
+                reference.update(node_reference(group, reference_tokens))
             rows += profile_collectives(group, sizes)
     if nodes > 1:
         with RankGroup("inter", nodes, use_gpu, threads) as group:
             rows += profile_collectives(group, sizes)
     meta = {"hardware": hardware, "device": device, "threads": threads, "devices_per_node": per_node, "nodes": nodes,
-            "memory_bytes": memory, "samples": samples, "seed": seed}
+            "memory_bytes": memory, "samples": samples, "seed": seed, "reference_step": reference}
     return write_table(rows, out, meta)

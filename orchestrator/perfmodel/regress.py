@@ -1,7 +1,8 @@
 """Per-operator regressors fitted on a profile table, and the spec-sheet roofline used without one.
 
 For every operator kind (per dtype; collectives per tier) three candidates are fitted and compared by 5-fold
-cross-validated absolute percentage error, and the best one predicts (the simpler one when within half a point):
+cross-validation, and the one with the lowest time-weighted error predicts (the simpler one when within half a
+point):
 
     analytic  t = c0 + c1 FLOPs + c2 bytes (c >= 0, least squares on relative error): latency plus the work at a
               fitted throughput, the additive roofline; for collectives c0 + c1 log2(world) + c2 ring-bytes
@@ -27,15 +28,9 @@ from sklearn.model_selection import KFold
 
 from orchestrator.perfmodel.ops import COLLECTIVES, cost
 
-BUSY = ":busy"  # compute measured with every rank of the node running (profile.profile_compute_loaded)
 CANDIDATES = ("analytic", "hybrid", "forest")  # simplest first: a tie within TIE points goes to the simpler
 TIE = 0.5
 WORD = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def compute_key(dtype: str, busy: bool) -> str:
-    """The regressor key of a compute operator: its dtype, marked when every rank of the node is running."""
-    return dtype + (BUSY if busy else "")
 
 
 def _cost_matrix(kind: str, shapes: np.ndarray, word: int) -> np.ndarray:  # (N, F) -> (N, 2) FLOPs, bytes
@@ -65,7 +60,7 @@ class KindModel:
     choice: str = "hybrid"
     coef: np.ndarray = field(default_factory=lambda: np.zeros(3))
     forest: Any = None  # on log t (choice forest) or on log(t / analytic) (choice hybrid)
-    cv_mape: dict[str, float] = field(default_factory=dict)
+    cv: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def fit(self, shapes: np.ndarray, seconds: np.ndarray, choice: str) -> KindModel:
         self.choice = choice
@@ -87,15 +82,19 @@ class KindModel:
         return np.exp(correction) * (self._analytic(shapes) if self.choice == "hybrid" else 1.0)
 
 
-def cross_validate(kind: str, word: int, shapes: np.ndarray, seconds: np.ndarray, folds: int = 5) -> dict[str, float]:
-    """Mean absolute percentage error of each candidate on held-out folds."""
-    errors: dict[str, list[float]] = {name: [] for name in CANDIDATES}
+def cross_validate(kind: str, word: int, shapes: np.ndarray, seconds: np.ndarray,
+                   folds: int = 5) -> dict[str, dict[str, float]]:
+    """Per candidate, on held-out folds: the mean absolute percentage error (mape) and the time-weighted one
+    (wape = sum |error| / sum t, in %: the error a sum of such operators would have, which the choice uses, so
+    that microsecond-sized shapes do not outvote the ones a step spends its time in)."""
+    errors = {name: np.zeros(len(seconds)) for name in CANDIDATES}
     splits = KFold(n_splits=min(folds, len(seconds)), shuffle=True, random_state=0).split(shapes)
     for train, test in splits:
         for name in CANDIDATES:
             model = KindModel(kind, word).fit(shapes[train], seconds[train], name)
-            errors[name] += list(np.abs(model.predict(shapes[test]) / seconds[test] - 1.0))
-    return {name: 100.0 * float(np.mean(values)) for name, values in errors.items()}
+            errors[name][test] = model.predict(shapes[test]) - seconds[test]
+    return {name: {"mape": 100.0 * float(np.mean(np.abs(e) / seconds)),
+                   "wape": 100.0 * float(np.abs(e).sum() / seconds.sum())} for name, e in errors.items()}
 
 
 class FittedModel:
@@ -105,36 +104,48 @@ class FittedModel:
         self.meta = meta
         self.hardware = meta["hardware"]
         self.devices_per_node = int(meta.get("devices_per_node", 1))
+        self.busy_factor, self.sync_skew = node_factors(meta.get("reference_step", {}))
         self.models: dict[tuple[str, str], KindModel] = {}
+        self.dtypes = sorted({row["dtype"] for row in rows if not row["tier"]})
         groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for row in rows:
-            groups.setdefault((row["kind"], row["tier"] or compute_key(row["dtype"], row.get("ranks", 1) > 1)),
-                              []).append(row)
+            groups.setdefault((row["kind"], row["tier"] or row["dtype"]), []).append(row)
         for key, group in sorted(groups.items()):
             shapes = np.array([r["shape"] for r in group], dtype=float)
             seconds = np.array([r["seconds"] for r in group], dtype=float)
             word = WORD[group[0]["dtype"]]
-            cv = cross_validate(key[0], word, shapes, seconds) if len(group) >= 10 else {"analytic": math.nan}
-            best = min(value for value in cv.values() if not math.isnan(value)) if len(cv) > 1 else math.nan
-            choice = next((name for name in CANDIDATES if cv.get(name, math.nan) <= best + TIE), "analytic")
+            cv = cross_validate(key[0], word, shapes, seconds) if len(group) >= 10 else {}
+            best = min((scores["wape"] for scores in cv.values()), default=math.nan)
+            choice = next((name for name in CANDIDATES if cv and cv[name]["wape"] <= best + TIE), "analytic")
             model = KindModel(key[0], word).fit(shapes, seconds, choice)
-            model.cv_mape = cv
+            model.cv = cv
             self.models[key] = model
 
     def predict(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:
-        """Seconds of `kind` at each shape; `key` is compute_key(dtype, busy) for compute, the tier for collectives.
-        A profile of one node answers the inter tier with its intra samples, a profile of one rank answers busy
-        nodes with its samples alone."""
-        fallback = {"inter": "intra"}.get(key, key.removesuffix(BUSY))
-        model = self.models.get((kind, key)) or self.models.get((kind, fallback))
+        """Seconds of `kind` at each shape; `key` is the dtype for compute, the tier for collectives (a profile of
+        one node answers the inter tier with its intra samples)."""
+        model = self.models.get((kind, key)) or self.models.get((kind, {"inter": "intra"}.get(key, key)))
         if model is None:
             known = sorted({k for k, _ in self.models})
             raise KeyError(f"the profile of {self.hardware} has no samples of {kind} ({key}); it has {known}")
         return model.predict(np.asarray(shapes, dtype=float))
 
     def summary(self) -> list[dict[str, Any]]:
-        return [{"kind": kind, "key": key, "choice": m.choice, **{f"cv_mape_{n}": v for n, v in m.cv_mape.items()}}
+        return [{"kind": kind, "key": key, "choice": m.choice,
+                 **{f"cv_{metric}_{name}": value for name, scores in m.cv.items() for metric, value in scores.items()}}
                 for (kind, key), m in self.models.items()]
+
+
+def node_factors(reference: dict[str, float]) -> tuple[float, float]:
+    """(busy factor, sync skew) from the profile's reference step (profile.RankBench.reference_step): how much
+    slower a compute-bound step runs when every rank of a node runs one (t_busy / t_alone), and what a data-parallel
+    step loses beyond its isolated all-reduce to waiting for the slowest rank, as a fraction of its compute
+    ((t_sync - t_busy - t_allreduce) / t_busy). (1, 0) without a reference step (a one-rank profile)."""
+    if not reference.get("busy_s"):
+        return 1.0, 0.0
+    busy = reference["busy_s"] / reference["alone_s"]
+    skew = (reference["sync_s"] - reference["busy_s"] - reference["allreduce_s"]) / reference["busy_s"]
+    return max(1.0, busy), max(0.0, skew)
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,8 @@ class Datasheet:
     inter_bw: float  # bytes/s per device across nodes
     memory: float  # bytes per device
     devices_per_node: int = 8
+    busy_factor: float = 1.0  # GPUs do not share their compute with the node's other ranks
+    sync_skew: float = 0.0
     gemm_efficiency: float = 0.7
     other_efficiency: float = 0.5
     launch: float = 5e-6
@@ -156,7 +169,7 @@ class Datasheet:
 
     def predict(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:
         shapes = np.asarray(shapes, dtype=float)
-        word = WORD.get(key.removesuffix(BUSY), 4)
+        word = WORD.get(key, 4)
         costs = _cost_matrix(kind, shapes, word)
         if kind in COLLECTIVES:
             bandwidth = self.intra_bw if key == "intra" else self.inter_bw
