@@ -255,6 +255,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.nodes > 1 and getattr(predictor, "meta", {}).get("nodes", 0) == 1:
+        print(f"note: {args.hardware} profiled one node: collectives across nodes are predicted from its one-node "
+              "samples (profile a multi-node cluster for that tier)", file=sys.stderr)
     started = time.perf_counter()
     rows = plan_mod.plan(spec, predictor, args.devices, args.nodes, str(args.file))
     seconds = time.perf_counter() - started

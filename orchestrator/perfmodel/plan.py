@@ -1,4 +1,4 @@
-"""`orchestrator plan FILE --devices N [--nodes M] [--hardware h100 | PROFILE.parquet]`: every parallel layout of
+"""`orchestrator plan FILE --gpus N [--nodes M] [--hardware h100 | PROFILE.parquet]`: every parallel layout of
 an lm experiment on N devices, with predicted step time, tokens/s, memory per device, run time and device-hours.
 
 Layouts: tp (inside a node, dividing the heads) x pp (dividing the layers) x dp = N; micro-batches of 1, 2, 4, ...
