@@ -243,6 +243,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     import time
 
+    from orchestrator.compare import format_table
     from orchestrator.perfmodel import plan as plan_mod
     from orchestrator.tracking import display_uri, resolve_tracking_uri
 
@@ -264,7 +265,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     files = plan_mod.write(spec, str(args.file), list(args.overrides), rows, Path(args.out or f"plans/{spec.name}"))
     print(f"{spec.name} on {args.devices} x {predictor.hardware} over {args.nodes} node(s): {len(rows)} layouts, "
           f"{sum(r['fits'] for r in rows)} fit in memory, predicted in {seconds:.2f} s")
-    print(plan_mod.to_markdown(rows, args.top), end="")
+    print(format_table(plan_mod.summary_rows(rows, args.top)))
     if "override" in files:
         print(f"fastest layout the orchestrator runs: {files['override']} (run it with `orchestrator run "
               f"{files['override']}`)")

@@ -95,11 +95,14 @@ class Tracker:
             run_id = json.loads(remembered)["run_id"]
             self.client.update_run(run_id, status="RUNNING")
             return run_id, True
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment, self._artifacts(experiment))
-        run = self.client.create_run(exp_id, run_name=run_name or run_dir.path.rsplit("/", 1)[-1], tags=tags)
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name or run_dir.path.rsplit("/", 1)[-1], tags=tags)
         run_dir.write("mlflow_run.json", json.dumps({"run_id": run.info.run_id, "tracking_uri": display_uri(self.uri)}))
         return run.info.run_id, False
+
+    def experiment_id(self, experiment: str) -> str:
+        """The id of the MLflow experiment `experiment`, created (artifacts beside a sqlite store) if missing."""
+        exp = self.client.get_experiment_by_name(experiment)
+        return exp.experiment_id if exp else self.client.create_experiment(experiment, self._artifacts(experiment))
 
     def _artifacts(self, experiment: str) -> str | None:
         """Beside a sqlite database, rather than MLflow's default of ./mlruns in whatever directory the process

@@ -15,8 +15,6 @@ second composes the step times from those.
 
 from __future__ import annotations
 
-import csv
-import io
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import numpy as np
 import yaml
 
 from orchestrator import spec as spec_mod
+from orchestrator.compare import write_tables
 from orchestrator.perfmodel.compose import run_summary, step_time
 from orchestrator.perfmodel.profile import read_table
 from orchestrator.perfmodel.regress import DATASHEETS, Datasheet, FittedModel
@@ -153,20 +152,9 @@ COLUMNS = ("dp", "tp", "pp", "zero", "micro_batch", "grad_accum", "checkpointing
            "memory_gib", "run_hours", "device_hours", "fits", "runnable")
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def to_markdown(rows: list[dict[str, Any]], limit: int = 15) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows[:limit]:
-        cells = [f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def summary_rows(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The fastest `limit` layouts, in the columns a terminal shows."""
+    return [{column: row[column] for column in COLUMNS} for row in rows[:limit]]
 
 
 def best_runnable(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -175,11 +163,9 @@ def best_runnable(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def write(spec: ExperimentSpec, spec_file: str, overrides: list[str], rows: list[dict[str, Any]],
           out: Path) -> dict[str, Path]:
-    """plan.csv (every layout), plan.md (the fastest 15) and, when one fits, `<name>.planned.yaml`."""
+    """plan.csv and plan.md (every layout) and, when one fits, `<name>.planned.yaml`."""
     out.mkdir(parents=True, exist_ok=True)
-    files = {"csv": out / "plan.csv", "md": out / "plan.md"}
-    files["csv"].write_text(to_csv(rows))
-    files["md"].write_text(to_markdown(rows))
+    files = dict(zip(("csv", "md"), write_tables(rows, out / "plan")))
     chosen = best_runnable(rows)
     if chosen is not None:
         files["override"] = out / f"{spec.name}.planned.yaml"
@@ -191,12 +177,11 @@ def log_to_mlflow(tracking_uri: str, spec: ExperimentSpec, spec_file: str, hardw
                   rows: list[dict[str, Any]], files: dict[str, Path], seconds: float) -> str:
     """One MLflow run in the experiment `plan`, named after the experiment: parameters, the best layouts' numbers
     as metrics, the table and the override as artifacts. Returns the run id."""
-    from mlflow.tracking import MlflowClient
+    from orchestrator.tracking import Tracker
 
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name("plan")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment("plan")
-    run = client.create_run(experiment_id, run_name=f"plan {spec.name}", tags={"orchestrator.command": "plan",
+    tracker = Tracker(tracking_uri)
+    client = tracker.client
+    run = client.create_run(tracker.experiment_id("plan"), run_name=f"plan {spec.name}", tags={"orchestrator.command": "plan",
                                                                               "experiment_file": spec_file})
     run_id = run.info.run_id
     for key, value in {"hardware": hardware, "devices": devices, "nodes": nodes, "layouts": len(rows),
