@@ -28,7 +28,9 @@ and scores are not scaled by default (scale="sqrt" is the 1/sqrt(d) ablation). D
 - Angles are computed in at least float32 (the official code casts the frequencies to bf16, which loses (m - n) g_i
   for long contexts); inputs in half precision are upcast for the Euler transform and cast back.
 - The modules are causal self-attention (SDPA with is_causal=True) instead of taking an additive mask: the official
-  module has no mask of its own and the spec's reproduction is a causal LM.
+  module has no mask of its own and the spec's reproduction is a causal LM. For generation they also take a boolean
+  mask of the real (not padding) keys and a KVCache; both encodings rotate q and k by their own absolute positions,
+  so cached keys stay valid.
 """
 
 from __future__ import annotations
@@ -56,13 +58,15 @@ def _angle_dtype(x: Tensor) -> torch.dtype:
 
 
 def _position_angles(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> Tensor:
-    """m g_i for every position m: (L,) -> (L, d/2)."""
+    """m g_i for every position m: (L,) -> (L, d/2); per-sequence positions (B, L) -> (B, 1, L, d/2), broadcasting
+    over heads."""
     g = rope_frequencies(head_dim, base, device=positions.device).to(dtype)
-    return positions.to(dtype)[:, None] * g
+    angles = positions.to(dtype)[..., None] * g
+    return angles[:, None] if positions.ndim == 2 else angles
 
 
 def apply_rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
-    """Rotate-half RoPE: (x_i, x_{i+d/2}) rotated by m g_i. x (B, H, L, d), positions (L,) -> (B, H, L, d)."""
+    """Rotate-half RoPE: (x_i, x_{i+d/2}) rotated by m g_i. x (B, H, L, d), positions (L,) or (B, L) -> (B, H, L, d)."""
     dtype = _angle_dtype(x)
     angle = _position_angles(positions, x.shape[-1], base, dtype)  # (L, d/2)
     cos, sin = angle.cos(), angle.sin()
@@ -98,12 +102,12 @@ def complex_qk(q: Tensor, k: Tensor, delta: Tensor, bias: Tensor, positions: Ten
                base: float = 10000.0) -> tuple[Tensor, Tensor]:
     """q', k' with q' k'^T = complex_scores_reference(q, k, delta, bias, positions, positions).
 
-    q, k (B, H, L, d), delta and bias (H, d/2), positions (L,) -> q', k' (B, H, L, d) in the dtype of q.
+    q, k (B, H, L, d), delta and bias (H, d/2), positions (L,) or (B, L) -> q', k' (B, H, L, d) in the dtype of q.
     """
     dtype = _angle_dtype(q)
     lambda_q, theta_q = euler_transform(q.to(dtype))  # (B, H, L, d/2)
     lambda_k, theta_k = euler_transform(k.to(dtype))
-    position = _position_angles(positions, q.shape[-1], base, dtype)  # m g: (L, d/2)
+    position = _position_angles(positions, q.shape[-1], base, dtype)  # m g: (L, d/2) or (B, 1, L, d/2)
     delta, bias = delta[:, None, :].to(dtype), bias[:, None, :].to(dtype)  # (H, 1, d/2)
     angle_q = delta * theta_q + bias + position  # A_m
     angle_k = delta * theta_k + position  # B_n
@@ -139,16 +143,58 @@ class _CausalSelfAttention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
-        """x (B, L, D), positions (L,) integer (default 0..L-1) -> (B, L, D)."""
+    def forward(self, x: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
+                key_mask: Tensor | None = None) -> Tensor:
+        """x (B, L, D), positions (L,) or (B, L) integer (default 0..L-1) -> (B, L, D).
+
+        Incremental decoding: `cache` holds the encoded keys and values of the earlier positions and is extended
+        with these. `key_mask` (B, T) marks the real tokens among all T = cached + L keys (False: padding, never
+        attended to); each query still sees itself, so a padding row stays finite."""
         batch, length, d_model = x.shape
         if positions is None:
             positions = torch.arange(length, device=x.device)
         q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = self.encode_positions(q, k, positions)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.extend(k, v)  # (B, H, T, d)
         dropout_p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.scale)
+        if key_mask is None and (past == 0 or length == 1):  # plain causal, or one new query that sees every key
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=past == 0, scale=self.scale)
+        else:
+            mask = attention_mask(length, past, key_mask, batch, x.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, d_model))
+
+
+def attention_mask(length: int, past: int, key_mask: Tensor | None, batch: int, device: torch.device) -> Tensor:
+    """Which of the past + length keys each of the `length` new queries attends to: causal, real keys only, and
+    always itself. -> (B, 1, L, T) bool."""
+    query = torch.arange(length, device=device)[:, None] + past  # absolute index of each query: (L, 1)
+    key = torch.arange(past + length, device=device)[None, :]  # (1, T)
+    allowed = (key <= query).expand(batch, 1, length, past + length)
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :].bool()
+    return allowed | (key == query)
+
+
+class KVCache:
+    """The encoded keys and values of one attention layer over the positions decoded so far."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k, v (B, H, L, d); -> every key and value so far, (B, H, T, d)."""
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
 
 
 class ComplexMultiHeadAttention(_CausalSelfAttention):

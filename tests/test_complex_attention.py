@@ -9,6 +9,7 @@ import torch
 
 from kernels.complex_attention import (
     ComplexMultiHeadAttention,
+    KVCache,
     RoPEMultiHeadAttention,
     apply_rope,
     complex_qk,
@@ -183,3 +184,22 @@ def test_invalid_sizes_raise_value_error(cls: type, d_model: int, n_heads: int, 
 def test_unknown_scale_raises_value_error() -> None:
     with pytest.raises(ValueError, match="scale='log'"):
         ComplexMultiHeadAttention(D_MODEL, H, scale="log")
+
+
+@pytest.mark.parametrize("module", [RoPEMultiHeadAttention, ComplexMultiHeadAttention])
+def test_cached_decoding_and_padding_masks_match_the_full_causal_pass(module) -> None:
+    """Prefill 4 positions, then decode one at a time through a KVCache: the outputs equal one causal pass over all
+    L. With left padding masked out and per-sequence positions, a sequence's outputs equal its unpadded pass."""
+    torch.manual_seed(0)
+    attention = module(D_MODEL, H).double().eval()
+    x = torch.randn(B, L, D_MODEL, dtype=torch.float64)
+    full = attention(x)
+    cache = KVCache()
+    steps = [attention(x[:, :4], cache=cache)] + [attention(x[:, t:t + 1], torch.tensor([t]), cache) for t in range(4, L)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full)
+    padded = torch.cat([torch.randn(1, 3, D_MODEL, dtype=torch.float64), x[:1, :4]], dim=1)  # 3 pads, 4 real
+    key_mask = torch.tensor([[False] * 3 + [True] * 4])
+    positions = torch.tensor([[0, 0, 0, 0, 1, 2, 3]])
+    out = attention(padded, positions, key_mask=key_mask)
+    torch.testing.assert_close(out[:, 3:], attention(x[:1, :4]))
+    assert torch.isfinite(out).all()  # padding rows attend to themselves, never to nothing

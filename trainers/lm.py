@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.complex_attention import ComplexMultiHeadAttention, RoPEMultiHeadAttention
+from kernels.complex_attention import ComplexMultiHeadAttention, KVCache, RoPEMultiHeadAttention
 from kernels.vq_logits import VQLogits
 from trainers._common.contract import Batch, DataInfo, TrainerSpec
 
@@ -81,8 +81,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model),
                                  nn.Dropout(cfg.dropout))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
-        h = h + self.attention(self.norm_1(h))
+    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
+        h = h + self.attention(self.norm_1(h), positions, cache, key_mask)
         return h + self.mlp(self.norm_2(h))
 
 
@@ -98,11 +99,15 @@ class LanguageModel(nn.Module):
         untied = cfg.output == "softmax" and not cfg.tie_embeddings
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False) if untied else None
 
-    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, L, D)
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+               caches: list[KVCache] | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) int64 -> (B, L, D). Padded batches give per-sequence `positions` (B, L) and `key_mask` (B, T) of
+        the real tokens; incremental decoding passes one KVCache per block (see kernels/complex_attention.py)."""
         h = self.embed(input_ids)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            extra = (positions, caches[i] if caches else None, key_mask)
             recompute = self.cfg.activation_checkpointing and self.training
-            h = checkpoint(block, h, use_reentrant=False) if recompute else block(h)
+            h = checkpoint(block, h, *extra, use_reentrant=False) if recompute else block(h, *extra)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V) of the softmax output
