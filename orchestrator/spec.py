@@ -50,11 +50,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-DATASETS_NEEDING_ROOT = {"cifar10", "cifar100", "stl10", "imagefolder", "parquet"}
+DATASETS_NEEDING_ROOT = {"cifar10", "cifar100", "stl10", "imagefolder", "parquet", "jsonl"}
 
 
 class DataSpec(_Strict):
-    dataset: Literal["digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet", "synthetic", "text"]
+    dataset: Literal["digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet", "synthetic", "text", "arithmetic",
+                     "jsonl"]
     root: str | None = None
     download: bool = False  # cifar10/cifar100/stl10 only, on machines with internet
     image_size: int | None = Field(default=None, gt=0)  # None: the dataset's native size
@@ -63,7 +64,7 @@ class DataSpec(_Strict):
     imbalance_factor: float | None = Field(default=None, ge=1)  # long tail: n_c = n_max * IF ** (-c / (C - 1))
     # None: the method's views
     views: Literal["plain", "weak_strong", "weak_strong_multicrop", "two_crop", "weak_contrastive", "byol_two_crop",
-                   "multi_crop", "sau", "tokens"] | None = None
+                   "multi_crop", "sau", "tokens", "problems"] | None = None
     # generated images joining the training set: a folder of Parquet shards, or run:<name> / mlflow:<run_id> of a
     # `generate` run (its `generated` folder); to_head fills each class up to the largest class count
     generated: str | None = None
@@ -81,6 +82,11 @@ class DataSpec(_Strict):
     seq_len: int = Field(default=256, gt=0)
     val_fraction: float = Field(default=0.05, gt=0, lt=1)
     cache_dir: str | None = None  # tokenizer + Parquet shards; default ~/.cache/lab-orchestrator/text
+    # arithmetic (generated problems, orchestrator/data/reasoning.py); jsonl reads root/train.jsonl, root/test.jsonl
+    num_problems: int = Field(default=20000, gt=0)
+    num_test: int = Field(default=500, gt=0)
+    max_operands: int = Field(default=4, ge=2)
+    max_number: int = Field(default=99, gt=0)
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
         if self.labeled_per_class is not None and self.labeled_fraction is not None:

@@ -20,6 +20,9 @@ def tiny_data(spec: TrainerSpec):
     """The method's views of real data: the bundled digits at 16 px, or 40 standard-library files as text."""
     if spec.views == "tokens":  # a 512-token vocabulary, 32-token windows
         return build_data(DataSpec(dataset="text", max_documents=40, vocab_size=512, seq_len=32), seed=0, views="tokens")
+    if spec.views == "problems":  # generated two-operand sums
+        return build_data(DataSpec(dataset="arithmetic", num_problems=64, num_test=16, max_operands=2, max_number=9),
+                          seed=0, views="problems")
     labeled = {"labeled_per_class": 2} if spec.views.startswith("weak_strong") else {}
     return build_data(DataSpec(dataset="digits", image_size=16, unlabeled_ratio=2, **labeled), seed=0, views=spec.views)
 
@@ -83,7 +86,13 @@ def test_two_seeded_runs_are_bitwise_equal(name: str) -> None:
         assert torch.equal(a, b) if torch.is_tensor(a) else a == b, key  # non-tensors: a module's extra state
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if trainers.get(n).run is None])
+# A policy-gradient loss is a surrogate of fresh rollouts each few steps, not an objective that descends on one
+# batch (GRPO's is exactly 0 when every sample of a group scores the same); tests/test_rl.py checks that their
+# reward rises instead.
+SURROGATE_LOSSES = {"ppo", "grpo", "vapo"}
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if trainers.get(n).run is None and n not in SURROGATE_LOSSES])
 def test_a_few_steps_on_one_batch_lower_the_loss(name: str) -> None:
     losses, _ = one_run(name, steps=15)
     assert losses[-1] < losses[0]

@@ -7,7 +7,8 @@
 
 Modules: sources.py (on-disk formats), synthetic.py (generated shapes), splits.py (long tail, labeled subset),
 transforms.py (augmentations), views.py (item formats), text.py (corpora, tokenizer, token shards: the "text"
-dataset with the "tokens" view).
+dataset with the "tokens" view), reasoning.py (problems with verifiable answers: the "arithmetic" and "jsonl"
+datasets with the "problems" view).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from orchestrator.spec import DataSpec
 from trainers._common.contract import DataInfo
 
 VIEWS = ("plain", "weak_strong", "weak_strong_multicrop", "two_crop", "weak_contrastive", "byol_two_crop", "multi_crop",
-         "sau", "tokens")
+         "sau", "tokens", "problems")
+PROBLEM_DATASETS = ("arithmetic", "jsonl")
 TEXT_CACHE = Path("~/.cache/lab-orchestrator/text")
 
 
@@ -58,6 +60,11 @@ def build_data(spec: DataSpec, seed: int, views: str) -> DataBundle:
                          f"views {views!r}")
     if spec.dataset == "text":
         return build_text_data(spec)
+    if (spec.dataset in PROBLEM_DATASETS) != (views == "problems"):
+        raise ValueError(f"views 'problems' and the datasets {' / '.join(PROBLEM_DATASETS)} go together, found dataset "
+                         f"{spec.dataset!r} with views {views!r}")
+    if views == "problems":
+        return build_problem_data(spec, seed)
     semi = views in ("weak_strong", "weak_strong_multicrop")
     if semi and spec.labeled_per_class is None and spec.labeled_fraction is None:
         raise ValueError(f"views {views!r} needs a labeled subset: set data.labeled_per_class (or labeled_fraction)")
@@ -111,6 +118,14 @@ def build_text_data(spec: DataSpec) -> DataBundle:
     artifact = {"corpus": str(out_dir), "documents": documents, "vocab_size": corpus.vocab_size,
                 "eot_id": corpus.eot_id, "train_tokens": corpus.train_tokens, "val_tokens": corpus.val_tokens}
     return DataBundle(train, test, info, {"corpus.json": artifact})
+
+
+def build_problem_data(spec: DataSpec, seed: int) -> DataBundle:
+    from orchestrator.data.reasoning import load_problems
+
+    train, test, artifact = load_problems(spec, seed)
+    info = DataInfo(num_classes=0, image_size=0, in_channels=0, num_train=len(train), num_labeled=len(train))
+    return DataBundle(train, test, info, {"problems.json": artifact})
 
 
 def _pools(source: Source, split: Split) -> tuple[Pool, Pool | None]:

@@ -94,9 +94,18 @@ def check_files(spec: DataSpec) -> None:
     loading them (CIFAR's batches are unpickled; STL-10 sizes, Parquet footers, and the first image of each
     image-folder split are checked). A file that breaks later, e.g. a corrupt JPEG deep in ImageNet, raises
     DataFileError naming it when a worker reads it. Raises FileNotFoundError, DataFileError or KeyError."""
-    if spec.download or spec.dataset in ("digits", "synthetic", "text"):
+    if spec.download or spec.dataset in ("digits", "synthetic", "text", "arithmetic"):
         return
-    if spec.dataset in CIFAR_LAYOUTS:
+    if spec.dataset == "jsonl":
+        from trainers.rl.tasks import read_jsonl
+
+        for split in ("train", "test"):
+            path = _existing(Path(spec.root) / f"{split}.jsonl")
+            try:
+                read_jsonl(path)
+            except ValueError as err:
+                raise DataFileError(path, str(err)) from None
+    elif spec.dataset in CIFAR_LAYOUTS:
         layout = CIFAR_LAYOUTS[spec.dataset]
         for name in layout.train_files + layout.test_files:
             _cifar_batch(_existing(Path(spec.root) / layout.folder / name), layout.label_key)
