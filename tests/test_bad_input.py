@@ -75,6 +75,13 @@ def image_folder(root: Path, first_image: bytes | None) -> dict:
     return {"dataset": "imagefolder", "root": str(root)}
 
 
+def problem_files(root: Path, bad_test_line: str) -> dict:
+    good = '{"prompt": "1+1=", "answer": 2}'
+    (root / "train.jsonl").write_text(good + "\n")
+    (root / "test.jsonl").write_text("\n".join(filter(None, [good, bad_test_line])) + "\n")
+    return {"dataset": "jsonl", "root": str(root)}
+
+
 def parquet(root: Path, label_column: str = "label", corrupt: bool = False) -> dict:
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
@@ -184,6 +191,12 @@ CASES = [
     Case("a supernet that is not there", "config.supernet_from: expected the supernet run's checkpoint directory "
          "(holding model.pt), a model.pt file, run:<name> or mlflow:<run_id>, found ...nowhere",
          text="name: search\nmethod: path_eval\ndata: {dataset: digits}\nconfig: {supernet_from: nowhere}\n"),
+    Case("a problem file line without its answer", "data.root: expected readable jsonl files, found unreadable "
+         "dataset file {root}/test.jsonl: line 2: expected the keys 'prompt' and 'answer', missing ['answer']",
+         {"method": "sft"}, data=lambda root: problem_files(root, '{"prompt": "2+2="}'), overrides=["config={}"]),
+    Case("an RL policy directory that is not there", "config.policy: expected 'tiny' or a Hugging Face model "
+         "directory holding config.json, found ...no_model",
+         {"method": "vapo"}, data=lambda root: problem_files(root, ""), overrides=["config={policy: no_model}"]),
     Case("sweep with an unknown search mode", "tune.mode: expected 'min' or 'max', found 'maximize'",
          {"tune": {"metric": "eval/acc", "mode": "maximize", "space": {"optim.lr": {"loguniform": [0.01, 0.1]}}}},
          command="sweep"),

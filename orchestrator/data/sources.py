@@ -104,7 +104,7 @@ def check_files(spec: DataSpec) -> None:
             try:
                 read_jsonl(path)
             except ValueError as err:
-                raise DataFileError(path, str(err)) from None
+                raise DataFileError(path, str(err).replace(f"{path}:", "line ", 1)) from None
     elif spec.dataset in CIFAR_LAYOUTS:
         layout = CIFAR_LAYOUTS[spec.dataset]
         for name in layout.train_files + layout.test_files:
