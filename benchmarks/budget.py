@@ -1,5 +1,5 @@
 """What the comparison benchmarks share: the guard they run first (the experiment files they compare must share
-their budget) and the mean ± std cell of their tables."""
+their budget), the mean ± std cell of their tables, and where their results go."""
 
 from __future__ import annotations
 
@@ -31,3 +31,11 @@ def mean_std(values: list[float], digits: int = 3, per_seed: bool = True) -> str
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     cell = f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
     return cell + (f" ({', '.join(f'{v:.{digits}f}' for v in values)})" if per_seed else "")
+
+
+def write_results(out: str | Path, markdown: str, seeds: list[int], results: dict) -> None:
+    """The table as `out`.md and the per-seed results as `out`.json."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "results": results}, indent=2))

@@ -12,13 +12,12 @@ benchmarks/results/cone_digits.{md,json} and logs one MLflow run (experiment `be
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from budget import check_same_budget
+from budget import check_same_budget, write_results
 
 from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
@@ -63,10 +62,7 @@ def main() -> None:
             results[method].append(run_one(method, seed))
             print(f"{method} seed {seed}: {results[method][-1]}", flush=True)
     markdown = table(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(markdown + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"seeds": args.seeds, "results": results}, indent=2))
+    write_results(args.out, markdown, args.seeds, results)
     log_to_mlflow(results, markdown, args.seeds)
     print(markdown)
 

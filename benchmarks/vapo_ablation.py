@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from budget import check_same_budget, mean_std
+from budget import check_same_budget, mean_std, write_results
 
 from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
@@ -115,10 +115,7 @@ def main() -> None:
                     results[row].append(run_row(row, seed, checkpoint))
                 print(f"{row} seed {seed}: {json.dumps(results[row][-1])}", flush=True)
     markdown = table(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(markdown + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"seeds": args.seeds, "results": results}, indent=2))
+    write_results(args.out, markdown, args.seeds, results)
     log_to_mlflow(results, markdown, args.seeds)
     print(markdown)
 
