@@ -6,23 +6,27 @@ so a process that dies while saving leaves the previous state, never half of a n
 tensors, dicts, lists, tuples, numbers and strings: it is read with torch.load(weights_only=True), so a state
 file cannot run code when loaded, and `save` refuses a state that could not be read back.
 
-`orchestrator run` runs the method as one Ray task with the experiment's resources (`resources.workers` is 1
-for these methods); Ray retries the task `resources.max_failures` times after a crash, and the method resumes
-from what it saved. In a sweep the trial process runs it directly (see orchestrator/tune.py).
+`orchestrator run` runs the method as one Ray task with the experiment's resources; Ray retries the task
+`resources.max_failures` times after a crash, and the method resumes from what it saved. A sharded method
+(`TrainerSpec.sharded`, e.g. a generation job over a prompt set) runs as `resources.workers` such tasks at once,
+task r with ctx.rank = r, each doing its share of the work; then one more task, of world size 1, finds every
+share done and gathers the results (its metrics are the run's). Other run methods take `resources.workers: 1`.
+In a sweep the trial process runs the method directly, as one process (see orchestrator/tune.py).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import yaml
 
 from orchestrator import spec as spec_mod
 from orchestrator.checkpoint import safe_load
-from orchestrator.spec import ExperimentSpec, SpecError
+from orchestrator.spec import ExperimentSpec
 from orchestrator.storage import RunDir
 
 log = logging.getLogger("orchestrator")
@@ -30,13 +34,12 @@ STATE_FILE = "method_state.pt"
 
 
 class MethodContext:
-    """trainers.RunContext for one process."""
+    """trainers.RunContext for one process (process `rank` of `world_size` for a sharded method)."""
 
-    is_main = True
-    world_size = 1
-
-    def __init__(self, run_dir: RunDir, logger: Any, on_report: Callable[[dict[str, float], int], None] | None = None):
+    def __init__(self, run_dir: RunDir, logger: Any, on_report: Callable[[dict[str, float], int], None] | None = None,
+                 rank: int = 0, world_size: int = 1):
         self.run_dir, self.logger, self.on_report = run_dir, logger, on_report
+        self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.spec: ExperimentSpec | None = None  # set by run_method: where `data()` comes from
         self._data: Any = None
@@ -98,21 +101,25 @@ def run_method(spec: ExperimentSpec, ctx: MethodContext) -> dict[str, float]:
     return dict(spec.trainer.run(spec.method_config(), ctx))
 
 
-def _run_task(spec_yaml: str, tracking_uri: str, run_id: str, run_dir: tuple[str, str]) -> dict[str, float]:
+def _run_task(spec_yaml: str, tracking_uri: str, run_id: str, run_dir: tuple[str, str], rank: int = 0,
+              world_size: int = 1) -> dict[str, float]:
     from orchestrator.tracking import MetricLogger
 
     spec = spec_mod.validate(yaml.safe_load(spec_yaml))
-    return run_method(spec, MethodContext(RunDir(*run_dir), MetricLogger(tracking_uri, run_id)))
+    ctx = MethodContext(RunDir(*run_dir), MetricLogger(tracking_uri, run_id), rank=rank, world_size=world_size)
+    return run_method(spec, ctx)
 
 
 def run_as_task(spec: ExperimentSpec, tracking_uri: str, run_id: str) -> dict[str, float]:
-    """Run the method as one Ray task with the experiment's resources; its state lives in the run directory."""
+    """Run the method as Ray tasks with the experiment's resources (one, or a sharded method's `workers` and its
+    gathering pass); its state lives in the run directory."""
     import ray
 
     resources = spec.resources
-    if resources.workers != 1:
-        raise SpecError(None, "resources.workers", f"1 (method {spec.method!r} runs as one process)",
-                        resources.workers)
     task = ray.remote(num_cpus=resources.cpus_per_worker, num_gpus=resources.gpus_per_worker,
                       max_retries=resources.max_failures, retry_exceptions=False)(_run_task)
-    return ray.get(task.remote(spec_mod.to_yaml(spec), tracking_uri, run_id, (spec.storage_path, spec.name)))
+    args = (spec_mod.to_yaml(spec), tracking_uri, run_id, (spec.storage_path, spec.name))
+    if resources.workers > 1:
+        ray.get([task.remote(*args, rank, resources.workers) for rank in range(resources.workers)])
+    return ray.get(task.remote(*args))
+

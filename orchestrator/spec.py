@@ -436,7 +436,11 @@ def method_config(config_cls: type, values: dict[str, Any], path: str | Path | N
 
 
 def _check_method(spec: ExperimentSpec, path: str | Path | None) -> None:
-    """`data:` and `optim:` blocks for methods that train over batches."""
+    """`data:` and `optim:` blocks for methods that train over batches; one worker for a run method that is not
+    sharded."""
+    if spec.trainer.run is not None and spec.resources.workers != 1 and not spec.trainer.sharded:
+        raise SpecError(path, "resources.workers", f"1 (method {spec.method!r} runs as one process)",
+                        spec.resources.workers)
     if spec.trainer.run is None:
         for block in ("data", "optim"):
             if getattr(spec, block) is None:

@@ -38,6 +38,7 @@ class RunContext(Protocol):
 
     is_main: bool
     device: torch.device
+    rank: int  # a sharded method's process index, 0..world_size - 1
     world_size: int
 
     def report(self, metrics: dict[str, float], step: int) -> None: ...
@@ -96,6 +97,9 @@ class TrainerSpec:
       directory (workers run elsewhere).
     - finite_metrics: train metrics that, like the loss, stop the run when NaN or Inf (the loss is always
       checked; list parts of it only where a NaN part would not already make the loss NaN).
+    - sharded: a run(cfg, ctx) method that splits its work by ctx.rank (e.g. a prompt set): it runs on
+      `resources.workers` processes, ctx.rank of ctx.world_size each, then once more with world_size 1, which finds
+      the work done (it resumes) and gathers the results. Without it a run method is one process.
     - dynamic_graph: a step may leave parameters unused (a supernet runs one path per step): DDP then looks for
       them (find_unused_parameters). The method must run the same graph on every rank in a step.
 
@@ -118,6 +122,7 @@ class TrainerSpec:
     path_fields: tuple[str, ...] = ()
     finite_metrics: tuple[str, ...] = ()
     dynamic_graph: bool = False
+    sharded: bool = False
 
     def __post_init__(self) -> None:
         step_contract = self.build is not None and self.train_step is not None
