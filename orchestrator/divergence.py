@@ -16,7 +16,8 @@ Ray Train v2's failure policy does not retry (it retries worker errors up to `Fa
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -83,9 +84,19 @@ def _all_finite(tensors: Iterable[torch.Tensor], device: torch.device) -> bool:
 
 
 def local_weights(model: torch.nn.Module) -> list[torch.Tensor]:
-    """This rank's copy of the weights: the parameters (under ZeRO-3 the rank's shard `ds_tensor`, the
-    parameter itself being an empty placeholder) and the buffers (EMA teachers, queues, batch-norm statistics)."""
-    return [getattr(p, "ds_tensor", p).detach() for p in model.parameters()] + list(model.buffers())
+    """This rank's copy of the weights: the parameters (under ZeRO-3 the rank's shard, the parameter itself being
+    an empty placeholder) and the buffers (EMA teachers, queues, batch-norm statistics)."""
+    return [zero3_shard(p) if hasattr(p, "ds_tensor") else p.detach() for p in model.parameters()] + \
+        list(model.buffers())
+
+
+def zero3_shard(p: torch.nn.Parameter) -> torch.Tensor:
+    """A ZeRO-3 parameter's elements held by this rank: its partition `ds_tensor` without the padding that makes
+    the partitions equal (DeepSpeed allocates it with torch.empty and never writes it, so it may hold any bits,
+    NaN included: checking it stopped runs at random)."""
+    shard = p.ds_tensor.detach()
+    rank = torch.distributed.get_rank(group=p.ds_process_group)
+    return shard[:max(0, min(shard.numel(), p.ds_numel - rank * shard.numel()))]
 
 
 def no_retry_callback() -> Any:

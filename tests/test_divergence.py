@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainers.supervised as supervised
 from orchestrator import checkpoint as ckpt_io
 from orchestrator import spec as spec_mod
 from orchestrator.data.sources import DataFileError
-from orchestrator.divergence import LossGuard, NonFiniteLossError, no_retry_callback
+from orchestrator.divergence import LossGuard, NonFiniteLossError, local_weights, no_retry_callback
 from orchestrator.launch import train_in_process
+from trainers import supervised
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 
@@ -122,3 +122,29 @@ def test_ranks_agree_on_the_first_bad_step(tmp_path: Path) -> None:
     torch.multiprocessing.spawn(_two_ranks, args=(str(tmp_path / "init"), str(tmp_path / "found")), nprocs=2)
     for rank in range(2):
         assert torch.load(tmp_path / f"found.{rank}") == [("loss", 3), ("weights", 5)]
+
+
+def _zero3_rank(rank: int, init_file: str, results: str) -> None:
+    """A real ZeRO-3 partition over 2 ranks of a 3-element weight: rank 1 holds 1 element and 1 of padding, which
+    DeepSpeed leaves unwritten; it is set to NaN here, as stale memory may be."""
+    import os
+
+    import deepspeed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    deepspeed.init_distributed("gloo", auto_mpi_discovery=False)
+    with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 2, "zero_optimization": {"stage": 3}}):
+        model = torch.nn.Linear(1, 3, bias=False)
+    shard = model.weight.ds_tensor
+    if rank == 1:
+        shard.data[-1] = math.nan
+    torch.save([shard.numel(), [w.tolist() for w in local_weights(model)]], f"{results}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_zero3_padding_is_not_read_as_a_weight(tmp_path: Path) -> None:
+    torch.multiprocessing.spawn(_zero3_rank, args=(str(tmp_path / "init"), str(tmp_path / "found")), nprocs=2)
+    (size0, weights0), (size1, weights1) = (torch.load(tmp_path / f"found.{rank}") for rank in range(2))
+    assert size0 == size1 == 2  # partitions of ceil(3 / 2): rank 1's second element is padding
+    assert len(weights0[0]) == 2 and len(weights1[0]) == 1 and all(map(math.isfinite, weights0[0] + weights1[0]))
