@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -197,6 +197,13 @@ CASES = [
     Case("an RL policy directory that is not there", "config.policy: expected 'tiny' or a Hugging Face model "
          "directory holding config.json, found ...no_model",
          {"method": "vapo"}, data=lambda root: problem_files(root, ""), overrides=["config={policy: no_model}"]),
+    Case("a video expert that is not a pipeline directory", "config.temporal: expected a diffusers pipeline "
+         "directory (holding model_index.json, as save_pretrained writes it), found ...no_t2v",
+         text="name: video\nmethod: confiner\nconfig: {control: tiny://animatediff, spatial: tiny://text_to_image, "
+         "temporal: no_t2v, prompts: [a cat]}\n"),
+    Case("a run method that is not sharded on two workers", "resources.workers: expected 1 (method 'generate' runs "
+         "as one process), found 2", text="name: gen\nmethod: generate\nconfig: {pipeline: nowhere}\n"
+         "resources: {workers: 2}\n"),
     Case("sweep with an unknown search mode", "tune.mode: expected 'min' or 'max', found 'maximize'",
          {"tune": {"metric": "eval/acc", "mode": "maximize", "space": {"optim.lr": {"loguniform": [0.01, 0.1]}}}},
          command="sweep"),

@@ -233,42 +233,13 @@ def test_generate_refuses_a_pipeline_it_cannot_load(tmp_path: Path) -> None:
         generate.check(generate.Config(pipeline=str(tmp_path)))
 
 
-def byte_symbols() -> list[str]:
-    """The 256 symbols of byte-level BPE (printable bytes as themselves, the others shifted past 255)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
-
-
 @pytest.fixture(scope="module")
 def tiny_text_to_image_dir(tmp_path_factory) -> Path:
     """A randomly initialised Stable Diffusion pipeline (a 1-layer CLIP text encoder with a character-level
-    tokenizer, an 8 px UNet, a one-level VAE), saved with save_pretrained: any text-to-image directory a user has."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    tokenizer, a 16 px UNet, a one-level VAE), saved with save_pretrained: any text-to-image directory a user has."""
+    from trainers.video import tiny
 
-    folder = tmp_path_factory.mktemp("text_to_image")
-    symbols = byte_symbols()
-    vocab = {s: i for i, s in enumerate([*symbols, *(s + "</w>" for s in symbols), "<|startoftext|>", "<|endoftext|>"])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-    torch.manual_seed(0)
-    end = vocab["<|endoftext|>"]
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                        num_attention_heads=2, num_hidden_layers=1, max_position_embeddings=16,
-                                        bos_token_id=vocab["<|startoftext|>"], eos_token_id=end, pad_token_id=end))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=2, norm_num_groups=4)
-    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                       scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipeline.save_pretrained(folder / "pipeline")
-    return folder / "pipeline"
+    return tiny.save("text_to_image", tmp_path_factory.mktemp("text_to_image"))
 
 
 def test_generate_prompts_a_text_to_image_pipeline_from_a_prompts_file(tmp_path: Path, tiny_text_to_image_dir) -> None:
@@ -280,7 +251,7 @@ def test_generate_prompts_a_text_to_image_pipeline_from_a_prompts_file(tmp_path:
     assert metrics["generated_images"] == 6.0  # classes 0 and 1: those the prompts file has
     table = pq.read_table(tmp_path / "gen" / "generated" / "class0001-00000.parquet").to_pylist()
     assert [row["prompt"] for row in table] == ["a red thing", "a blue thing", "a red thing"]
-    assert {Image.open(io.BytesIO(row["image"])).size for row in table} == {(4, 4)}  # Lanczos-downsized from 8 px
+    assert {Image.open(io.BytesIO(row["image"])).size for row in table} == {(4, 4)}  # Lanczos-downsized from 16 px
     assert table[0]["model"].startswith("StableDiffusionPipeline:") and table[0]["class_name"] == "1"
 
 

@@ -31,6 +31,7 @@ TRAINERS: dict[str, str] = {
     "diffkd": "trainers.diffkd",
     "ddpm": "trainers.ddpm",
     "generate": "trainers.generate",
+    "confiner": "trainers.confiner",
     "kshot_nas": "trainers.kshot_nas",
     "vitas": "trainers.vitas",
     "path_eval": "trainers.path_eval",
