@@ -61,24 +61,17 @@ def vae() -> Any:
                          up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=16)
 
 
-def unet_2d(seed: int) -> Any:
-    from diffusers import UNet2DConditionModel
+def unet(dims: int, seed: int) -> Any:
+    """A two-level UNet with cross-attention: 2D (frame by frame, Stable Diffusion's) or 3D (ModelScope's)."""
+    from diffusers import UNet2DConditionModel, UNet3DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_WIDTH,
-                                attention_head_dim=2, norm_num_groups=4)
-
-
-def unet_3d(seed: int) -> Any:
-    from diffusers import UNet3DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet3DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16),
-                                layers_per_block=1, down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=TEXT_WIDTH,
-                                attention_head_dim=4, norm_num_groups=4)
+    blocks = f"{dims}D"
+    model = UNet2DConditionModel if dims == 2 else UNet3DConditionModel
+    return model(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                 down_block_types=(f"CrossAttnDownBlock{blocks}", f"DownBlock{blocks}"),
+                 up_block_types=(f"UpBlock{blocks}", f"CrossAttnUpBlock{blocks}"), cross_attention_dim=TEXT_WIDTH,
+                 attention_head_dim=2 if dims == 2 else 4, norm_num_groups=4)
 
 
 def build(kind: str, folder: Path) -> Any:
@@ -96,18 +89,18 @@ def build(kind: str, folder: Path) -> Any:
     ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1)
     if kind == "text_to_image":
-        return StableDiffusionPipeline(vae=vae(), text_encoder=text, tokenizer=tokenizer, unet=unet_2d(1),
+        return StableDiffusionPipeline(vae=vae(), text_encoder=text, tokenizer=tokenizer, unet=unet(2, 1),
                                        scheduler=ddim, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     if kind == "text_to_video":
-        return TextToVideoSDPipeline(vae=vae(), text_encoder=text, tokenizer=tokenizer, unet=unet_3d(2), scheduler=ddim)
+        return TextToVideoSDPipeline(vae=vae(), text_encoder=text, tokenizer=tokenizer, unet=unet(3, 2), scheduler=ddim)
     if kind == "animatediff":
         torch.manual_seed(3)
         adapter = MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1, motion_norm_num_groups=4,
                                 motion_num_attention_heads=2, motion_max_seq_length=32)
         euler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                        timestep_spacing="trailing")
-        return AnimateDiffPipeline(vae=vae(), text_encoder=text, tokenizer=tokenizer, unet=unet_2d(3),
+        return AnimateDiffPipeline(vae=vae(), text_encoder=text, tokenizer=tokenizer, unet=unet(2, 3),
                                    motion_adapter=adapter, scheduler=euler, feature_extractor=None,
                                    image_encoder=None)
     raise ValueError(f"tiny expert kind {kind!r}: expected one of {', '.join(KINDS)}")
