@@ -19,10 +19,11 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +33,7 @@ from torch import nn
 from orchestrator import checkpoint as ckpt_io
 from orchestrator import spec as spec_mod
 from orchestrator.divergence import LossGuard, NonFiniteLossError, local_weights, no_retry_callback
-from orchestrator.optim import (base_lr, build_optimizer, build_scheduler, default_param_groups,
-                                load_training_state)
+from orchestrator.optim import base_lr, build_optimizer, build_scheduler, default_param_groups, load_training_state
 from orchestrator.spec import ExperimentSpec, Shown, SpecError
 from orchestrator.storage import RunDir, absolute
 
@@ -251,7 +251,7 @@ class Setup:
     scheduler: Any
 
     @classmethod
-    def build(cls, spec: ExperimentSpec, device: torch.device) -> "Setup":
+    def build(cls, spec: ExperimentSpec, device: torch.device) -> Setup:
         from orchestrator.data import build_data
 
         method, cfg = spec.trainer, spec.method_config()
@@ -443,13 +443,13 @@ class StepLoop:
             ckpt_due = position.step % self.spec.checkpoint.every == 0
             if position.step < total and (eval_due or ckpt_due):
                 self._stop_if_diverged(position.step, weights=ckpt_due)
-                reported = self.evaluate() if eval_due else {}
+                reported = self.evaluate(position.step) if eval_due else {}
                 self._report(reported, position, with_checkpoint=ckpt_due)
         if window.count:
             self._stop_if_diverged(position.step)
             self._log(window.flush(), position.step)
         self._stop_if_diverged(position.step, weights=True)
-        final = self.evaluate()
+        final = self.evaluate(position.step)
         self._report(final, position, with_checkpoint=True)
         if self.rank == 0:
             log.info("finished at step %d: %s", position.step, json.dumps(final))
@@ -488,17 +488,21 @@ class StepLoop:
                                     "steps_per_s": averaged["steps_per_s"]})
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """eval_step sums over this rank's share of the test set, added over ranks, divided by the count."""
+    def evaluate(self, step: int) -> dict[str, float]:
+        """eval_step sums over this rank's share of the test set, added over ranks, divided by the count; rank 0
+        logs the method's figure of its first batch (`eval_figure`) as the artifact eval/figure_<step>.png."""
         setup = self.setup
         if setup.method.eval_step is None:
             return {}
         setup.model.eval()
         totals: dict[str, torch.Tensor] = {}
-        for batch in eval_batches(setup.data.test, self.spec.eval.batch_size, self.rank, self.world, self.device,
-                                  even=self.engine.even_eval_shards):
+        for k, batch in enumerate(eval_batches(setup.data.test, self.spec.eval.batch_size, self.rank, self.world,
+                                               self.device, even=self.engine.even_eval_shards)):
             with self.engine.autocast():
                 sums = setup.method.eval_step(setup.model, batch, setup.cfg)
+                if k == 0 and self.rank == 0 and self.logger is not None and setup.method.eval_figure is not None:
+                    figure = setup.method.eval_figure(setup.model, batch, setup.cfg)
+                    self.logger.log_bytes(figure, f"eval/figure_{step:08d}.png")
             for key, value in sums.items():
                 totals[key] = totals.get(key, 0) + value.detach().double()
         setup.model.train()
@@ -513,7 +517,7 @@ class StepLoop:
         means = {k: v / count for k, v in sums.items()}
         if setup.method.eval_summary is not None:
             means.update(setup.method.eval_summary(means))
-        return {f"eval/{k}": v for k, v in means.items()}
+        return {f"eval/{k}": v for k, v in means.items() if not k.startswith("_")}
 
     def _report(self, metrics: dict[str, float], position: Position, with_checkpoint: bool) -> None:
         """With a checkpoint, each rank writes its part (engine.save) into its own directory, then all report: Ray

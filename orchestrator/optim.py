@@ -84,6 +84,8 @@ def lr_factor(step: int, spec: OptimSpec) -> float:
     progress = min(1.0, (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps))
     if spec.schedule == "cosine_fixmatch":  # FixMatch / USB: cos(7 pi k / 16 K), ending at 0.2 x lr
         return math.cos(7 * math.pi * progress / 16)
+    if spec.schedule == "poly":
+        return (1.0 - progress) ** spec.power
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -27,6 +27,12 @@ def test_fixmatch_cosine_ends_at_a_fifth() -> None:
     assert lr_factor(1600, spec) == pytest.approx(0.19509, abs=1e-5)
 
 
+def test_poly_schedule_is_deeplabs_polylr() -> None:
+    spec = OptimSpec(steps=100, batch_size=8, schedule="poly")
+    assert [lr_factor(s, spec) for s in (0, 50, 100)] == pytest.approx([1, 0.5 ** 0.9, 0])
+    assert lr_factor(50, OptimSpec(steps=100, batch_size=8, schedule="poly", power=2.0)) == pytest.approx(0.25)
+
+
 def test_step_schedule() -> None:
     spec = OptimSpec(steps=100, batch_size=8, schedule="step", milestones=[30, 60], gamma=0.1)
     assert [lr_factor(s, spec) for s in (0, 29, 30, 59, 60, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])

@@ -6,8 +6,9 @@ gradient accumulation, data loaders, checkpoints and tracking; the method owns i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -89,6 +90,9 @@ class TrainerSpec:
     - on_step_end(model, cfg, step): after the optimizer step (EMA updates, queue pushes).
     - param_groups(model, cfg) -> list of dicts for the optimizer (e.g. no weight decay on norms).
     - eval_summary(means) -> more eval metrics computed from the averaged ones (e.g. perplexity = exp(loss)).
+      Sums whose key starts with "_" reach eval_summary only; they are not reported (e.g. per-class pixel counts).
+    - eval_figure(model, batch, cfg) -> PNG bytes of the first eval batch (e.g. predictions beside the ground
+      truth), logged at each evaluation as the artifact eval/figure_<step>.png.
     - views: the data views the method trains on ("plain", "weak_strong", "two_crop", "multi_crop").
     - run(cfg, ctx) -> final metrics: the whole run, for methods that are not a step over batches; they need no
       `data:` or `optim:` block.
@@ -117,6 +121,7 @@ class TrainerSpec:
     on_step_end: Callable[[nn.Module, Any, int], None] | None = None
     param_groups: Callable[[nn.Module, Any], list[dict[str, Any]]] | None = None
     eval_summary: Callable[[dict[str, float]], dict[str, float]] | None = None
+    eval_figure: Callable[[nn.Module, Batch, Any], bytes] | None = None
     run: Callable[[Any, RunContext], dict[str, float]] | None = None
     check: Callable[[Any], None] | None = None
     path_fields: tuple[str, ...] = ()
