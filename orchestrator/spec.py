@@ -50,12 +50,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-DATASETS_NEEDING_ROOT = {"cifar10", "cifar100", "stl10", "imagefolder", "parquet", "jsonl"}
+DATASETS_NEEDING_ROOT = {"cifar10", "cifar100", "stl10", "imagefolder", "parquet", "jsonl", "voc", "cityscapes"}
+SEGMENTATION_DATASETS = ("voc", "cityscapes", "shapes_seg")
 
 
 class DataSpec(_Strict):
     dataset: Literal["digits", "cifar10", "cifar100", "stl10", "imagefolder", "parquet", "synthetic", "text", "arithmetic",
-                     "jsonl"]
+                     "jsonl", "voc", "cityscapes", "shapes_seg"]
     root: str | None = None
     download: bool = False  # cifar10/cifar100/stl10 only, on machines with internet
     image_size: int | None = Field(default=None, gt=0)  # None: the dataset's native size
@@ -64,7 +65,7 @@ class DataSpec(_Strict):
     imbalance_factor: float | None = Field(default=None, ge=1)  # long tail: n_c = n_max * IF ** (-c / (C - 1))
     # None: the method's views
     views: Literal["plain", "weak_strong", "weak_strong_multicrop", "two_crop", "weak_contrastive", "byol_two_crop",
-                   "multi_crop", "sau", "tokens", "problems"] | None = None
+                   "multi_crop", "sau", "tokens", "problems", "segmentation"] | None = None
     # generated images joining the training set: a folder of Parquet shards, or run:<name> / mlflow:<run_id> of a
     # `generate` run (its `generated` folder); to_head fills each class up to the largest class count
     generated: str | None = None
@@ -87,16 +88,49 @@ class DataSpec(_Strict):
     num_test: int = Field(default=500, gt=0)
     max_operands: int = Field(default=4, ge=2)
     max_number: int = Field(default=99, gt=0)
+    # segmentation (voc, cityscapes, shapes_seg; orchestrator/data/segmentation.py): the labeled images are the ids of
+    # labeled_list (a paper's split file, one id or image path a line; relative to root), or num_labeled (or
+    # labeled_fraction) drawn from the seed; unset sizes take the dataset's (voc 321 / 0.5-1.5 / 512x512,
+    # cityscapes 769 / 0.5-2.0 / 1024x2048, shapes_seg image_size / 0.5-1.5 / image_size)
+    labeled_list: str | None = None
+    num_labeled: int | None = Field(default=None, gt=0)
+    crop_size: int | None = Field(default=None, gt=0)  # training crops are crop_size x crop_size
+    scale_range: tuple[float, float] | None = None  # random rescale of training images before the crop
+    eval_size: tuple[int, int] | None = None  # (H, W): test images shrink to fit, then are padded to it
+
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
-        if self.labeled_per_class is not None and self.labeled_fraction is not None:
-            raise ValueError("at most one of labeled_per_class and labeled_fraction")
+        subsets = [key for key in ("labeled_per_class", "labeled_fraction", "num_labeled", "labeled_list")
+                   if getattr(self, key) is not None]
+        if len(subsets) > 1:
+            raise ValueError(f"at most one of labeled_per_class, labeled_fraction, num_labeled and labeled_list, found "
+                             f"{' and '.join(subsets)}")
+        self._check_segmentation()
         if self.dataset in DATASETS_NEEDING_ROOT and not self.root:
             raise ValueError(f"a `root` directory for dataset {self.dataset!r}")
         if self.generated and (self.labeled_per_class is not None or self.labeled_fraction is not None):
             raise ValueError("`generated` images join a fully labeled training set: no labeled_per_class or "
                              "labeled_fraction with it")
         return self
+
+    def _check_segmentation(self) -> None:
+        """The segmentation keys only with a segmentation dataset, and the classification keys that mean nothing
+        there (labeled_per_class; image_size but for shapes_seg) not with one."""
+        keys = ("labeled_list", "num_labeled", "crop_size", "scale_range", "eval_size")
+        if self.dataset not in SEGMENTATION_DATASETS:
+            found = [key for key in keys if getattr(self, key) is not None]
+            if found:
+                raise ValueError(f"{', '.join(found)} with a segmentation dataset ({', '.join(SEGMENTATION_DATASETS)})")
+            return
+        if self.labeled_per_class is not None:
+            raise ValueError("num_labeled, labeled_fraction or labeled_list for a segmentation dataset (its images "
+                             "have no single class): not labeled_per_class")
+        if self.image_size is not None and self.dataset != "shapes_seg":
+            raise ValueError(f"crop_size (and eval_size) for {self.dataset!r}: image_size sets shapes_seg's images")
+        if self.scale_range is not None and not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"scale_range (low, high) with 0 < low <= high, found {list(self.scale_range)}")
+        if self.eval_size is not None and min(self.eval_size) <= 0:
+            raise ValueError(f"eval_size (H, W) of positive sides, found {list(self.eval_size)}")
 
 
 class OptimSpec(_Strict):
@@ -106,7 +140,9 @@ class OptimSpec(_Strict):
     nesterov: bool = False
     weight_decay: float = Field(default=0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["cosine", "cosine_fixmatch", "step", "constant"] = "cosine"  # cosine_fixmatch: cos(7πk/16K)
+    # cosine_fixmatch: cos(7πk/16K); poly: (1 - k/K) ** power (DeepLab's PolyLR, the segmentation recipes')
+    schedule: Literal["cosine", "cosine_fixmatch", "poly", "step", "constant"] = "cosine"
+    power: float = Field(default=0.9, gt=0)  # poly
     warmup_steps: int = Field(default=0, ge=0)
     milestones: list[int] = []  # step schedule: multiply lr by gamma at these steps
     gamma: float = Field(default=0.1, gt=0)

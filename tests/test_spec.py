@@ -75,7 +75,7 @@ BAD_FILES = [
      "resources, eval, checkpoint, log_every, storage_path, tune, tracking), found an unknown key"),
     ("misspelt nested key", GOOD.replace("lr: 0.1", "lrr: 0.1"),
      "optim.lrr: expected a known key; did you mean 'lr'? (allowed here: name, lr, momentum, nesterov, weight_decay, "
-     "betas, schedule, warmup_steps, milestones, gamma, steps, batch_size, grad_accum, clip_grad_norm, amp), "
+     "betas, schedule, power, warmup_steps, milestones, gamma, steps, batch_size, grad_accum, clip_grad_norm, amp), "
      "found an unknown key"),
     ("unknown method", GOOD.replace("method: supervised", "method: supervisd"),
      f"method: expected one of the known methods ({', '.join(sorted(TRAINERS))}); did you mean 'supervised'?, "

@@ -6,7 +6,8 @@
     bundle.artifacts            # {"split.json": {...}}: logged by the launcher
 
 Modules: sources.py (on-disk formats), synthetic.py (generated shapes), splits.py (long tail, labeled subset),
-transforms.py (augmentations), views.py (item formats), text.py (corpora, tokenizer, token shards: the "text"
+transforms.py (augmentations), views.py (item formats), segmentation.py (VOC, Cityscapes and generated shapes with
+masks: the "segmentation" view), text.py (corpora, tokenizer, token shards: the "text"
 dataset with the "tokens" view), reasoning.py (problems with verifiable answers: the "arithmetic" and "jsonl"
 datasets with the "problems" view).
 """
@@ -25,11 +26,11 @@ from orchestrator.data import generated, text, transforms
 from orchestrator.data.sources import ConcatImages, Source, load_source
 from orchestrator.data.splits import Split, make_split, split_artifact
 from orchestrator.data.views import MultiCropView, PlainView, Pool, SauView, TwoCropView, WeakStrongView
-from orchestrator.spec import DataSpec
+from orchestrator.spec import SEGMENTATION_DATASETS, DataSpec
 from trainers._common.contract import DataInfo
 
 VIEWS = ("plain", "weak_strong", "weak_strong_multicrop", "two_crop", "weak_contrastive", "byol_two_crop", "multi_crop",
-         "sau", "tokens", "problems")
+         "sau", "tokens", "problems", "segmentation")
 PROBLEM_DATASETS = ("arithmetic", "jsonl")
 TEXT_CACHE = Path("~/.cache/lab-orchestrator/text")
 
@@ -65,6 +66,11 @@ def build_data(spec: DataSpec, seed: int, views: str) -> DataBundle:
                          f"{spec.dataset!r} with views {views!r}")
     if views == "problems":
         return build_problem_data(spec, seed)
+    if (spec.dataset in SEGMENTATION_DATASETS) != (views == "segmentation"):
+        raise ValueError(f"views 'segmentation' and the datasets {' / '.join(SEGMENTATION_DATASETS)} go together, "
+                         f"found dataset {spec.dataset!r} with views {views!r}")
+    if views == "segmentation":
+        return build_segmentation_data(spec, seed)
     semi = views in ("weak_strong", "weak_strong_multicrop")
     if semi and spec.labeled_per_class is None and spec.labeled_fraction is None:
         raise ValueError(f"views {views!r} needs a labeled subset: set data.labeled_per_class (or labeled_fraction)")
@@ -126,6 +132,14 @@ def build_problem_data(spec: DataSpec, seed: int) -> DataBundle:
     train, test, artifact = load_problems(spec, seed)
     info = DataInfo(num_classes=0, image_size=0, in_channels=0, num_train=len(train), num_labeled=len(train))
     return DataBundle(train, test, info, {"problems.json": artifact})
+
+
+def build_segmentation_data(spec: DataSpec, seed: int) -> DataBundle:
+    """Labeled crops with masks paired with unlabeled crops, and whole test images with masks (segmentation.py)."""
+    from orchestrator.data.segmentation import load_segmentation
+
+    train, test, info, artifact = load_segmentation(spec, seed)
+    return DataBundle(train, test, info, {"split.json": artifact})
 
 
 def _pools(source: Source, split: Split) -> tuple[Pool, Pool | None]:

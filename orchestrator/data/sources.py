@@ -92,9 +92,10 @@ def load_source(spec: DataSpec) -> Source:
 def check_files(spec: DataSpec) -> None:
     """Before Ray starts: the dataset's files are there and readable as their format says, at a cost far below
     loading them (CIFAR's batches are unpickled; STL-10 sizes, Parquet footers, and the first image of each
-    image-folder split are checked). A file that breaks later, e.g. a corrupt JPEG deep in ImageNet, raises
-    DataFileError naming it when a worker reads it. Raises FileNotFoundError, DataFileError or KeyError."""
-    if spec.download or spec.dataset in ("digits", "synthetic", "text", "arithmetic"):
+    image-folder split are checked; for VOC/Cityscapes the id lists, that the masks exist, and the first image and
+    masks). A file that breaks later, e.g. a corrupt JPEG deep in ImageNet, raises DataFileError naming it when a
+    worker reads it. Raises FileNotFoundError, DataFileError or KeyError."""
+    if spec.download or spec.dataset in ("digits", "synthetic", "text", "arithmetic", "shapes_seg"):
         return
     if spec.dataset == "jsonl":
         from trainers.rl.tasks import read_jsonl
@@ -116,6 +117,10 @@ def check_files(spec: DataSpec) -> None:
     elif spec.dataset == "parquet":
         _parquet_files(spec, "train")
         _parquet_files(spec, "test")
+    elif spec.dataset in ("voc", "cityscapes"):
+        from orchestrator.data import segmentation
+
+        segmentation.check_files(spec)
 
 
 # ---------------------------------------------------------------------------------------------- image stores

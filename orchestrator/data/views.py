@@ -8,8 +8,8 @@ epoch's loader iterator (workers copy the dataset then). Per-item randomness is 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from torch.utils.data import Dataset
 from orchestrator.data.sources import Images
 
 Transform = Callable[[torch.Tensor], torch.Tensor]  # uint8 (C,H,W) -> float32 (C,S,S)
+# uint8 image (3,H,W), uint8 mask (H,W) -> float32 (3,S,S), int64 (S,S): the same geometry applied to both
+PairedTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+IGNORE = 255  # segmentation masks: a pixel without a label (boundaries, void classes, padding)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,23 @@ class Pool:
 
     def image(self, j: int) -> torch.Tensor:
         return self.images[int(self.indices[j])]
+
+
+@dataclass(frozen=True)
+class MaskPool:
+    """The images at `indices` of `images` with their segmentation masks (`masks[i]`: uint8 (H,W) of class ids
+    and 255), for segmentation's labeled and test sets."""
+
+    images: Images
+    masks: Images  # a store of uint8 (H,W) masks, indexed as `images`
+    indices: np.ndarray  # (n,)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def pair(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = int(self.indices[j])
+        return self.images[i], self.masks[i]
 
 
 def _scalar(value: int | np.integer) -> torch.Tensor:
@@ -55,7 +75,31 @@ class PlainView(Dataset):
         """Nothing here depends on the epoch."""
 
 
-class WeakStrongView(Dataset):
+class LabeledWithUnlabeled(Dataset):
+    """The pairing of the semi-supervised views: ceil(n_ulb / mu) items cover the unlabeled pool once per epoch,
+    each with `mu` unlabeled samples and one labeled sample (the labeled set cycles); `set_epoch` re-draws both
+    orders from (seed, epoch)."""
+
+    labeled: Pool | MaskPool
+    unlabeled: Pool
+    mu: int
+    seed: int
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.unlabeled) / self.mu)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+        self.ulb_perm = rng.permutation(len(self.unlabeled))  # (n_ulb,)
+        self.lb_perm = rng.permutation(len(self.labeled))  # (n_lb,)
+
+    def draw(self, i: int) -> tuple[int, np.ndarray]:
+        """Item i's labeled index and its mu unlabeled indices (mu,)."""
+        lb = self.lb_perm[i % len(self.lb_perm)]
+        return lb, self.ulb_perm[np.arange(i * self.mu, (i + 1) * self.mu) % len(self.ulb_perm)]
+
+
+class WeakStrongView(LabeledWithUnlabeled):
     """One labeled image and mu unlabeled ones (FixMatch / USB batches):
 
     {"x_lb": (C,S,S) weak, "y_lb", "idx_lb", "x_ulb_w": (mu,C,S,S) weak, "x_ulb_s": (mu,C,S,S) strong, "idx_ulb": (mu,)}
@@ -76,17 +120,8 @@ class WeakStrongView(Dataset):
         self.local, self.num_local, self.local_shape = local, num_local, local_shape
         self.set_epoch(0)
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.unlabeled) / self.mu)
-
-    def set_epoch(self, epoch: int) -> None:
-        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-        self.ulb_perm = rng.permutation(len(self.unlabeled))  # (n_ulb,)
-        self.lb_perm = rng.permutation(len(self.labeled))  # (n_lb,)
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        lb = self.lb_perm[i % len(self.lb_perm)]
-        ulb = self.ulb_perm[np.arange(i * self.mu, (i + 1) * self.mu) % len(self.ulb_perm)]  # (mu,)
+        lb, ulb = self.draw(i)
         images = [self.unlabeled.image(j) for j in ulb]
         item = {
             "x_lb": self.weak(self.labeled.image(lb)),
@@ -174,6 +209,61 @@ class MultiCropView(Dataset):
             "y": _scalar(self.pool.labels[j]),
             "idx": _scalar(j),
         }
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing here depends on the epoch."""
+
+
+class SegmentationView(LabeledWithUnlabeled):
+    """One labeled crop and mu unlabeled ones (semi-supervised segmentation: PRCL, U2PL, ...):
+
+    {"x": (3,S,S), "y": (S,S) int64 (255: no label), "idx": (),
+     "u": (mu,3,S,S), "u_valid": (mu,S,S) bool, "idx_u": (mu,)}
+
+    Every crop has the same paired geometric augmentation (rescale, pad, crop, flip) and normalisation; the
+    unlabeled crops get nothing more: the method draws its own strong augmentation. "u_valid" is False on the
+    padding of an unlabeled crop (its image there is 0, the mean colour). The epoch and the pairing follow
+    `WeakStrongView`: ceil(n_ulb / mu) items cover the unlabeled pool once; `set_epoch` re-draws from
+    (seed, epoch). idx indexes the labeled set, idx_u the unlabeled pool.
+    """
+
+    def __init__(self, labeled: MaskPool, unlabeled: Pool, transform: PairedTransform, mu: int, seed: int):
+        self.labeled, self.unlabeled, self.transform = labeled, unlabeled, transform
+        self.mu, self.seed = mu, seed
+        self.set_epoch(0)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        lb, ulb = self.draw(i)
+        x, y = self.transform(*self.labeled.pair(lb))
+        crops = [self._unlabeled_crop(j) for j in ulb]
+        return {
+            "x": x,
+            "y": y,
+            "idx": _scalar(lb),
+            "u": torch.stack([u for u, _ in crops]),
+            "u_valid": torch.stack([valid for _, valid in crops]),
+            "idx_u": torch.from_numpy(ulb.astype(np.int64)),
+        }
+
+    def _unlabeled_crop(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3,S,S) crop and (S,S) bool not-padding, through the labeled crops' transform with an all-0 mask."""
+        image = self.unlabeled.image(j)
+        u, y = self.transform(image, torch.zeros(image.shape[-2:], dtype=torch.uint8))
+        return u, y != IGNORE
+
+
+class SegmentationTestView(Dataset):
+    """{"x": (3,H,W), "y": (H,W) int64 (255: no label), "idx": ()}: whole images and masks at one size."""
+
+    def __init__(self, pool: MaskPool, transform: PairedTransform):
+        self.pool, self.transform = pool, transform
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        x, y = self.transform(*self.pool.pair(j))
+        return {"x": x, "y": y, "idx": _scalar(j)}
 
     def set_epoch(self, epoch: int) -> None:
         """Nothing here depends on the epoch."""
