@@ -17,12 +17,16 @@ METHODS = sorted(trainers.TRAINERS)
 
 
 def tiny_data(spec: TrainerSpec):
-    """The method's views of real data: the bundled digits at 16 px, or 40 standard-library files as text."""
+    """The method's views of real data: the bundled digits at 16 px, 40 standard-library files as text, generated
+    problems, or generated segmentation shapes."""
     if spec.views == "tokens":  # a 512-token vocabulary, 32-token windows
         return build_data(DataSpec(dataset="text", max_documents=40, vocab_size=512, seq_len=32), seed=0, views="tokens")
     if spec.views == "problems":  # generated two-operand sums
         return build_data(DataSpec(dataset="arithmetic", num_problems=64, num_test=16, max_operands=2, max_number=9),
                           seed=0, views="problems")
+    if spec.views == "segmentation":  # the generated shapes, 32 px, 8 labeled images
+        return build_data(DataSpec(dataset="shapes_seg", image_size=32, synthetic_per_class=4, num_labeled=8,
+                                   unlabeled_ratio=1), seed=0, views="segmentation")
     labeled = {"labeled_per_class": 2} if spec.views.startswith("weak_strong") else {}
     return build_data(DataSpec(dataset="digits", image_size=16, unlabeled_ratio=2, **labeled), seed=0, views=spec.views)
 

@@ -31,6 +31,7 @@ TRAINERS: dict[str, str] = {
     "diffkd": "trainers.diffkd",
     "ddpm": "trainers.ddpm",
     "generate": "trainers.generate",
+    "prcl": "trainers.prcl",
     "confiner": "trainers.confiner",
     "kshot_nas": "trainers.kshot_nas",
     "vitas": "trainers.vitas",
