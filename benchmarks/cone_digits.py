@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from budget import check_same_budget, write_results
+from budget import check_same_budget, publish, seed_metrics
 
 from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
@@ -62,23 +62,8 @@ def main() -> None:
             results[method].append(run_one(method, seed))
             print(f"{method} seed {seed}: {results[method][-1]}", flush=True)
     markdown = table(results)
-    write_results(args.out, markdown, args.seeds, results)
-    log_to_mlflow(results, markdown, args.seeds)
+    publish(args.out, markdown, args.seeds, results, {"seeds": args.seeds, "dataset": "digits"}, seed_metrics(results, "acc"))
     print(markdown)
-
-
-def log_to_mlflow(results: dict[str, list[dict[str, float]]], markdown: str, seeds: list[int]) -> None:
-    import mlflow
-
-    mlflow.set_experiment("benchmarks")
-    with mlflow.start_run(run_name="cone_digits"):
-        mlflow.log_params({"seeds": seeds, "dataset": "digits"})
-        for method, runs in results.items():
-            accs = [r["acc"] for r in runs]
-            mlflow.log_metric(f"{method}/acc_mean", statistics.mean(accs))
-            mlflow.log_metric(f"{method}/acc_std", statistics.stdev(accs) if len(accs) > 1 else 0.0)
-        mlflow.log_text(markdown, "cone_digits.md")
-        mlflow.log_dict(results, "cone_digits.json")
 
 
 if __name__ == "__main__":

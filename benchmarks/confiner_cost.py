@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from budget import mean_std, write_results
+from budget import mean_std, publish
 
 from trainers import confiner
 
@@ -77,18 +77,6 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def log_to_mlflow(args: argparse.Namespace, results: dict[str, dict]) -> None:
-    import mlflow
-
-    mlflow.set_experiment("benchmarks")
-    with mlflow.start_run(run_name="confiner_cost"):
-        mlflow.log_params({k: v for k, v in vars(args).items()})
-        for name, r in results.items():
-            mlflow.log_metrics({f"{name}/nfe_ratio": r["nfe_ratio"],
-                                f"{name}/time_ratio": statistics.mean(r["time_ratio"])})
-        mlflow.log_artifact(str(RESULTS.with_suffix(".md")))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--control", default="tiny://animatediff")
@@ -108,8 +96,9 @@ def main() -> None:
         print(name, results[name], flush=True)
     markdown = table(results)
     print(markdown)
-    write_results(RESULTS, markdown, list(range(1, args.videos + 1)), results)
-    log_to_mlflow(args, results)
+    metrics = {f"{name}/{key}": statistics.mean(r["time_ratio"]) if key == "time_ratio" else r[key]
+               for name, r in results.items() for key in ("nfe_ratio", "time_ratio")}
+    publish(RESULTS, markdown, list(range(1, args.videos + 1)), results, vars(args), metrics)
 
 
 if __name__ == "__main__":

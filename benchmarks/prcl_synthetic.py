@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from budget import check_same_budget, mean_std, write_results
+from budget import check_same_budget, mean_std, publish, seed_metrics
 
 from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
@@ -60,19 +60,8 @@ def main() -> None:
             print(name, seed, results[name][-1], flush=True)
     markdown = table(results)
     print(markdown)
-    write_results(args.out, markdown, args.seeds, results)
-    log_to_mlflow(args, results, markdown)
-
-
-def log_to_mlflow(args: argparse.Namespace, results: dict[str, list[dict[str, float]]], markdown: str) -> None:
-    import mlflow
-
-    mlflow.set_experiment("benchmarks")
-    with mlflow.start_run(run_name="prcl_synthetic"):
-        mlflow.log_params({"seeds": args.seeds, "steps": args.steps})
-        mlflow.log_metrics({f"{name}/miou": statistics.mean(r["miou"] for r in runs)
-                            for name, runs in results.items()})
-        mlflow.log_text(markdown, "prcl_synthetic.md")
+    publish(args.out, markdown, args.seeds, results, {"seeds": args.seeds, "steps": args.steps},
+            seed_metrics(results, "miou"))
 
 
 if __name__ == "__main__":

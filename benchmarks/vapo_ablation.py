@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from budget import check_same_budget, mean_std, write_results
+from budget import check_same_budget, mean_std, publish
 
 from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
@@ -115,23 +115,15 @@ def main() -> None:
                     results[row].append(run_row(row, seed, checkpoint))
                 print(f"{row} seed {seed}: {json.dumps(results[row][-1])}", flush=True)
     markdown = table(results)
-    write_results(args.out, markdown, args.seeds, results)
-    log_to_mlflow(results, markdown, args.seeds)
+    publish(args.out, markdown, args.seeds, results,
+            {"seeds": args.seeds, "task": "arithmetic chains, 2-5 single-digit operands"}, mean_metrics(results))
     print(markdown)
 
 
-def log_to_mlflow(results: dict[str, list[dict[str, float]]], markdown: str, seeds: list[int]) -> None:
-    import mlflow
-
-    mlflow.set_experiment("benchmarks")
-    with mlflow.start_run(run_name="vapo_ablation"):
-        mlflow.log_params({"seeds": seeds, "task": "arithmetic chains, 2-5 single-digit operands"})
-        for row, runs in results.items():
-            key = row.strip("- ").replace(" ", "_")
-            for metric in ("eval/accuracy", "eval/accuracy_avg4"):
-                mlflow.log_metric(f"{key}/{metric.split('/')[1]}_mean", statistics.mean(r[metric] for r in runs))
-        mlflow.log_text(markdown, "vapo_ablation.md")
-        mlflow.log_dict(results, "vapo_ablation.json")
+def mean_metrics(results: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    """Each row's mean greedy and avg@4 accuracy over the seeds."""
+    return {f"{row.strip('- ').replace(' ', '_')}/{metric.split('/')[1]}_mean": statistics.mean(r[metric] for r in runs)
+            for row, runs in results.items() for metric in ("eval/accuracy", "eval/accuracy_avg4")}
 
 
 if __name__ == "__main__":
