@@ -101,8 +101,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def grouping_overhead(model: str, masks: int) -> list[dict[str, Any]]:
     """Padding and cost of fixed vs optimal groups at each stage, over random 0.75 unit masks (W-MSA and SW-MSA)."""
-    from kernels.group_window_attention import window_ids
-    from kernels.grouping import fixed_group_size, group_windows, grouping_cost, optimal_group_size, padding_fraction
+    from lab_kernels.group_window_attention import window_ids
+    from lab_kernels.grouping import fixed_group_size, group_windows, grouping_cost, optimal_group_size, padding_fraction
     from trainers.greenmim import random_unit_mask, upsample_mask
 
     rows = []

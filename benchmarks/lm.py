@@ -6,7 +6,7 @@ comparison trained at equal steps. Measures, does not assert.
 1. Output layer, forward + backward of the loss from hidden states (B*S tokens, d) at V = 50k, K = 1024 (the
    paper's 6x claim): the full softmax (h W^T then cross-entropy over V), VQ-Logits as the official code computes it
    (codebook logits scattered to V, then softmax over V), and VQ-Logits' exact loss from the K codebook logits and
-   the cluster sizes (kernels/vq_logits.py), which never builds V-sized logits. Times are medians of repeats.
+   the cluster sizes (lab_kernels/vq_logits.py), which never builds V-sized logits. Times are medians of repeats.
 2. The experiments/lm/stdlib_*.yaml variants through the orchestrator's step loop in this process (one rank, no
    Ray, each in a fresh process): tokens/s, peak resident memory of that process, and validation perplexity after
    `--steps` steps on the embedded corpus.
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels.vq_logits import cluster_sizes, contiguous_mapping, vq_cross_entropy, vq_cross_entropy_reference
+from lab_kernels.vq_logits import cluster_sizes, contiguous_mapping, vq_cross_entropy, vq_cross_entropy_reference
 from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels.complex_attention import (
+from lab_kernels.complex_attention import (
     ComplexMultiHeadAttention,
     KVCache,
     RoPEMultiHeadAttention,

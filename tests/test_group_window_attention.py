@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention, get_relative_position_index
 
-from kernels.group_window_attention import (
+from lab_kernels.group_window_attention import (
     GroupWindowAttention,
     RelativePositionBias,
     group_layout,

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from kernels.grouping import (
+from lab_kernels.grouping import (
     fixed_group_size,
     group_windows,
     grouping_cost,

@@ -1,4 +1,4 @@
-"""Dependencies point one way: orchestrator -> trainers -> kernels. Methods and kernels stay pure PyTorch."""
+"""Dependencies point one way: orchestrator -> trainers -> lab_kernels. Methods and ops stay pure PyTorch."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def imported_roots(path: Path) -> set[str]:
     return roots
 
 
-@pytest.mark.parametrize("package", ["trainers", "kernels"])
+@pytest.mark.parametrize("package", ["trainers", "lab_kernels"])
 def test_methods_and_kernels_import_no_infrastructure(package: str) -> None:
     files = sorted((REPO / package).rglob("*.py"))
     assert files, f"no Python files under {package}/"
@@ -30,7 +30,7 @@ def test_methods_and_kernels_import_no_infrastructure(package: str) -> None:
 
 
 def test_kernels_do_not_import_trainers() -> None:
-    offenders = [str(p) for p in (REPO / "kernels").rglob("*.py") if "trainers" in imported_roots(p)]
+    offenders = [str(p) for p in (REPO / "lab_kernels").rglob("*.py") if "trainers" in imported_roots(p)]
     assert offenders == []
 
 

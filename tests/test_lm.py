@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from kernels.vq_logits import vq_cross_entropy_reference
+from lab_kernels.vq_logits import vq_cross_entropy_reference
 from trainers import DataInfo
 from trainers.lm import TINY, Config, LanguageModel, build, eval_summary, param_groups, train_step
 

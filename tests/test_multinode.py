@@ -17,6 +17,9 @@ import pytest
 from conftest import registered
 from local_cluster import RAY, LocalCluster, MlflowServer
 from mlflow.tracking import MlflowClient
+from test_packaging import IMPORT_ALL, check_origins
+
+from orchestrator.submit import EXCLUDES
 
 pytestmark = pytest.mark.ray
 
@@ -81,6 +84,19 @@ def test_quickstart_with_ray_job_submit(cluster, tracking) -> None:
     assert run.info.status == "FINISHED" and loss_steps(client, run.info.run_id) == [10, 20, 30, 40, 50, 60]
     assert (runs / "ray-job-submit" / "checkpoint_000000060").is_dir()
     assert {"experiment.yaml", "final_metrics.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_a_job_imports_our_ops_beside_hugging_face_packages(cluster) -> None:
+    """The job runs in the uploaded copy of the project, whose root is its cwd and first on sys.path: `lab_kernels`
+    comes from there, `kernels` (diffusers' and transformers' dependency) from the installed distribution."""
+    code = IMPORT_ALL + "import os\nprint('ORIGINS', os.getcwd(), *origins)"
+    command = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
+               "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--", sys.executable, "-c", code]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=cluster.env)
+    assert done.returncode == 0 and "succeeded" in done.stdout, done.stdout[-4000:] + done.stderr[-4000:]
+    cwd, ours, theirs = next(line for line in done.stdout.splitlines() if line.startswith("ORIGINS")).split()[1:]
+    assert Path(cwd) != REPO
+    check_origins(f"{ours} {theirs}", Path(cwd) / "lab_kernels")
 
 
 def test_orchestrator_submit_survives_losing_the_worker_node(cluster, tracking) -> None:

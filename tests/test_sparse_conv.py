@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.sparse_conv import SparseConv2d, dense_reference, output_sites, spconv_usable
+from lab_kernels.sparse_conv import SparseConv2d, dense_reference, output_sites, spconv_usable
 
 B = 2
 GRID = (9, 7)  # odd and non-square, so row/col mix-ups show

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.vq_logits import (
+from lab_kernels.vq_logits import (
     VQLogits,
     cluster_sizes,
     contiguous_mapping,

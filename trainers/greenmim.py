@@ -13,7 +13,7 @@ Paper symbol -> Config field:
     patch 4, C = 128, depths 2-2-18-2, heads  -> patch_size, embed_dim, depths, num_heads (Swin-B)
     M (window, 7), MLP ratio 4                -> window_size, mlp_ratio
     mask ratio 0.75 on 32 x 32-px units       -> mask_ratio; the unit is patch_size * 2 ** (len(depths) - 1)
-    g (group size of Group Window Attention)  -> group_size: "optimal" (the paper's DP, kernels.grouping),
+    g (group size of Group Window Attention)  -> group_size: "optimal" (the paper's DP, lab_kernels.grouping),
                                                  "fixed" (the released code), "masking" or an int
     decoder 1 block, 512-d, 16 heads          -> decoder_depth, decoder_dim, decoder_heads
     normalised-pixel target                   -> norm_pix_loss
@@ -24,7 +24,7 @@ is `layers.i.downsample`), so `timm_swin_state_dict` hands the encoder to a timm
 trainers/supervised.py `init_from`).
 
 Deviations from the official code (LayneH/GreenMIM), with reasons:
-- group_size defaults to "optimal", the paper's search over g (kernels.grouping.optimal_group_size); the released
+- group_size defaults to "optimal", the paper's search over g (lab_kernels.grouping.optimal_group_size); the released
   code hard-codes g = min(M^2, max_i w_i) with a FIXME, which is group_size "fixed".
 - Only the visible patches are embedded: the patch conv has stride = kernel, so a matmul of the gathered visible
   patches with the flattened conv weight is exact; the official code embeds all patches and then drops the masked.
@@ -32,7 +32,7 @@ Deviations from the official code (LayneH/GreenMIM), with reasons:
   visible tokens of each 2x2 group are gathered by sorting on (group, slot): the same computation, with timm's keys.
 - The mask noise is drawn on the CPU from torch's default generator, so a seed gives the same masks on any device;
   each DDP rank draws its own mask, as in the official code (seeded per rank).
-- Masked pairs in attention get -inf instead of -100 (kernels/group_window_attention.py): exact, not approximate.
+- Masked pairs in attention get -inf instead of -100 (lab_kernels/group_window_attention.py): exact, not approximate.
 - The decoder's fixed sin-cos positions are a non-persistent buffer instead of a frozen Parameter (same values,
   not saved in checkpoints); the normalised-pixel target works for any number of channels (the official hard-codes 3).
 - LayerNorm eps is 1e-6 as in the official encoder; timm's Swin (and the official fine-tuning, which uses the SimMIM
@@ -51,7 +51,7 @@ from timm.layers import DropPath, Mlp
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from kernels.group_window_attention import GroupLayout, GroupWindowAttention
+from lab_kernels.group_window_attention import GroupLayout, GroupWindowAttention
 from trainers._common.contract import Batch, ConfigError, DataInfo, TrainerSpec
 
 GroupSize = int | Literal["optimal", "fixed", "masking"]

@@ -9,12 +9,12 @@ Spec: ../shared/papers/methods_nas_gen_llm.md sections 7 (ComplexFormer) and 8 (
                        = VQ-Logits(LN(h_L))           output "vq": K codebook logits, exact cross-entropy over V
 
 - attention "rope": causal multi-head attention with rotate-half RoPE, scores scaled by 1/sqrt(d_head).
-- attention "complex": ComplexFormer's CMHA (kernels/complex_attention.py): Euler transform of q and k, per-head
+- attention "complex": ComplexFormer's CMHA (lab_kernels/complex_attention.py): Euler transform of q and k, per-head
   adaptive phase delta * (theta_q - theta_k) + b plus the RoPE relative angle; unscaled scores as the official code
   (attention_scale: sqrt is the ablation). delta = 1, b = 0 is exactly RoPE.
 - output "vq": codebook of K = num_codes vectors and a fixed token->code mapping (contiguous blocks or a seeded
   random balanced assignment). The official code's k-means mapping needs pre-trained output embeddings, which a
-  model trained from scratch does not have; kernels.vq_logits.VQLogits.from_embeddings builds one from them.
+  model trained from scratch does not have; lab_kernels.vq_logits.VQLogits.from_embeddings builds one from them.
 
 Sizes (Config fields d_model / n_layers / n_heads): TINY 64/2/4 for tests; the defaults are GPT-2 small
 (768/12/12, about 124M parameters with V = 50k and tied embeddings); 2048/24/16 is about 1.3B.
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.complex_attention import ComplexMultiHeadAttention, KVCache, RoPEMultiHeadAttention
-from kernels.vq_logits import VQLogits
+from lab_kernels.complex_attention import ComplexMultiHeadAttention, KVCache, RoPEMultiHeadAttention
+from lab_kernels.vq_logits import VQLogits
 from trainers._common.contract import Batch, DataInfo, TrainerSpec
 
 
@@ -102,7 +102,7 @@ class LanguageModel(nn.Module):
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                caches: list[KVCache] | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) int64 -> (B, L, D). Padded batches give per-sequence `positions` (B, L) and `key_mask` (B, T) of
-        the real tokens; incremental decoding passes one KVCache per block (see kernels/complex_attention.py)."""
+        the real tokens; incremental decoding passes one KVCache per block (see lab_kernels/complex_attention.py)."""
         h = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             extra = (positions, caches[i] if caches else None, key_mask)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels.complex_attention import apply_rope
+from lab_kernels.complex_attention import apply_rope
 
 
 def seconds_per_call(fn: Callable[[], object], device: torch.device, warmup: int = 10, iters: int = 10,

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.complex_attention import KVCache
+from lab_kernels.complex_attention import KVCache
 from trainers.lm import Config as LMConfig
 from trainers.lm import LanguageModel
 from trainers.rl.tasks import ByteTokenizer, HFTokenizer

@@ -20,7 +20,7 @@ tests/test_group_window_attention.py checks the partition against timm's roll + 
 
 Fast path (official GroupingModule + WindowAttention):
 1. window ids of the visible tokens, window sizes w_i (visible tokens per window);
-2. group size g: "optimal" (kernels.grouping.optimal_group_size, the paper's DP search that the official code never
+2. group size g: "optimal" (lab_kernels.grouping.optimal_group_size, the paper's DP search that the official code never
    implemented), "fixed" (the official behaviour: "masking" mode, all tokens in one sequence, if N <= 2 M^2, else
    g = min(M^2, max_i w_i)), "masking", or an int;
 3. group_windows(g, w): windows packed into n_g groups of g slots, padding slots pointing at a dummy zero token;
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.grouping import fixed_group_size, group_windows, optimal_group_size
+from lab_kernels.grouping import fixed_group_size, group_windows, optimal_group_size
 
 GroupSize = int | str
 RelativeBias = Callable[[Tensor], Tensor]  # (..., 2) coordinate differences -> (..., heads)
@@ -164,7 +164,7 @@ def _first_slots(groups: list[list[int]], sizes: list[int], group_size: int) -> 
 
 
 def group_layout(ids: Tensor, group_size: GroupSize, window_size: int, dim: int) -> GroupLayout:
-    """Pack the windows of ids (N,) into groups (kernels.grouping.group_windows) and index every token's slot."""
+    """Pack the windows of ids (N,) into groups (lab_kernels.grouping.group_windows) and index every token's slot."""
     order = torch.argsort(ids, stable=True)  # tokens sorted by window: (N,)
     counts = torch.unique_consecutive(ids[order], return_counts=True)[1]  # window sizes w_i: (n_w,)
     sizes = counts.tolist()
