@@ -1,7 +1,7 @@
 """`orchestrator run | sweep | search | submit | compare | profile | plan | check | ls`: the command line.
 
-Exit status: 0 on success, 1 when a run fails, 2 when the experiment file (or an override) is invalid; a bad
-file is always reported before Ray starts.
+Exit status: 0 on success, 1 when a run fails, 2 when the experiment file (or an override) is invalid or another
+live driver runs the same `storage_path/name` (orchestrator/run_lock.py); both are reported before Ray starts.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-import yaml
-
+from orchestrator import preflight, run_lock
 from orchestrator import spec as spec_mod
-from orchestrator.spec import ExperimentSpec, SpecError
+from orchestrator.placement import PlacementError
+from orchestrator.spec import ExperimentSpec, Shown, SpecError
 
 log = logging.getLogger("orchestrator")
 
@@ -25,18 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (SpecError, run_lock.RunLocked, PlacementError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="orchestrator", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run (or resume) an experiment file on Ray and track it in MLflow")
     _add_file_args(run)
     run.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--reeval", action="store_true", help="evaluate a finished run's final checkpoint again "
+                     "(without it, a finished run's stored result is printed and Ray is not started)")
     run.set_defaults(func=cmd_run)
 
     sweep = commands.add_parser("sweep", help="run (or resume) the Ray Tune sweep of an experiment file's `tune:` block")
@@ -75,9 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     profile = commands.add_parser("profile", help="micro-benchmark the performance model's operators on this "
                                   "hardware and the collectives over the Ray cluster's nodes, into a Parquet table")
     profile.add_argument("--out", default=None, help="the table (default: profiles/<host>-<cpu|cuda>.parquet)")
-    profile.add_argument("--samples", type=int, default=40, help="shapes per operator kind (default: 40)")
-    profile.add_argument("--threads", type=int, default=1, help="CPU threads per rank on a CPU cluster, as the runs "
-                         "to predict use (their resources.cpus_per_worker; default: 1)")
+    profile.add_argument("--samples", type=_positive_int, default=40, help="shapes per operator kind (default: 40)")
+    profile.add_argument("--threads", type=_positive_int, default=1, help="CPU threads per rank on a CPU cluster, "
+                         "as the runs to predict use (their resources.cpus_per_worker; default: 1)")
     profile.add_argument("--quick", action="store_true", help="tiny shapes only, in seconds: checks a cluster's "
                          "set-up, too small to plan with")
     profile.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
@@ -86,13 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="predict the step time, memory and run time of an lm experiment under "
                                "every parallel layout on N GPUs, and write the fastest as an override")
     _add_file_args(plan)
-    plan.add_argument("--gpus", "--devices", dest="devices", type=int, required=True, help="devices in all")
-    plan.add_argument("--nodes", type=int, default=1, help="nodes they are spread over (default: 1)")
+    plan.add_argument("--gpus", "--devices", dest="devices", type=_positive_int, required=True, help="devices in all")
+    plan.add_argument("--nodes", type=_positive_int, default=1, help="nodes they are spread over (default: 1)")
     plan.add_argument("--hardware", default="h100", help="a profile table from `orchestrator profile`, or a "
                       "datasheet: a100, h100, h200, gh200 (default: h100)")
     plan.add_argument("--out", default=None, help="directory for plan.csv, plan.md and the override (default: "
                       "plans/<name>)")
-    plan.add_argument("--top", type=int, default=15, help="layouts to print (default: 15)")
+    plan.add_argument("--top", type=_positive_int, default=15, help="layouts to print (default: 15)")
     plan.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else the file's "
                       "tracking.tracking_uri, else sqlite:///mlflow.db")
     plan.set_defaults(func=cmd_plan)
@@ -107,6 +110,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors on one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
+    return value
+
+
 def _add_file_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="experiment YAML file")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
@@ -114,7 +134,7 @@ def _add_file_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    spec = spec_mod.load(args.file, args.overrides)
+    spec = preflight.load(args.file, args.overrides)
     print(f"ok: {args.file}: {_summary(spec)}")
     return 0
 
@@ -122,28 +142,49 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator import references
 
-    spec = references.resolve(spec_mod.load(args.file, args.overrides), args.file)
-    spec_mod.preflight(spec, args.file)
+    spec = references.resolve(preflight.load(args.file, args.overrides), args.file)
+    preflight.before_ray(spec, args.file, "run")
     log.info("%s", _summary(spec))
     import ray.train
 
-    from orchestrator.launch import launch
+    from orchestrator.checkpoint import CheckpointWriteError
+    from orchestrator.launch import find_error, finished_outcome, launch
 
-    _init_ray(args.address)
-    try:
-        outcome = launch(spec, str(args.file))
-    except ray.train.TrainingFailedError as err:
-        hint = _failure_hint(str(err))
-        print(f"error: run {spec.name} failed: {err}\n{hint}", file=sys.stderr)
-        return 1
+    finished = finished_outcome(spec)
+    if finished is not None and not args.reeval:
+        _print_finished(*finished)
+        return 0
+    with run_lock.hold(spec.storage_path, spec.name):
+        _init_ray(args.address)
+        try:
+            outcome = launch(spec, str(args.file))
+        except ray.train.TrainingFailedError as err:
+            reason = find_error(err, CheckpointWriteError) or err  # its own message, without Ray's wrapping
+            print(f"error: run {spec.name} failed: {reason}\n{_failure_hint(str(reason))}", file=sys.stderr)
+            return 1
     _print_outcome(outcome)
     return 0
+
+
+def _print_finished(outcome, finished_at: float) -> None:
+    import time
+
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(finished_at))
+    print(f"run {Path(outcome.run_dir).name} finished on {when}; its stored result (add --reeval to evaluate its "
+          "final checkpoint again):")
+    _print_outcome(outcome)
 
 
 def _failure_hint(error: str) -> str:
     if "non-finite" in error:
         return ("the loss diverged: running it again meets the same step; change `optim` or `config` and give a new "
-                "`name`, or resume the last good checkpoint")
+                "`name`, or resume the last verified checkpoint")
+    if "checkpoint write failed" in error:
+        return ("free space (or fix the permissions) where it names, then run the same command again to resume from "
+                "the last verified checkpoint")
+    if "worker group startup timed out" in error:
+        return ("the cluster did not place the workers within resources.placement_timeout_s: free resources or "
+                "raise it, then run the same command again to resume")
     if "unreadable dataset file" in error:
         return "repair or remove that file, then run the same command again to resume from the last checkpoint"
     return "run the same command again to resume it from its last checkpoint"
@@ -152,7 +193,7 @@ def _failure_hint(error: str) -> str:
 def cmd_search(args: argparse.Namespace) -> int:
     from orchestrator.nas_search import architecture_key
 
-    spec = spec_mod.load(args.file, args.overrides)
+    spec = preflight.load(args.file, args.overrides)
     if spec.tune is None or architecture_key(spec) is None:
         raise SpecError(args.file, "tune.space", "an architecture key for `orchestrator search`, e.g. "
                         "config.arch: {architecture: nas_bench_macro}", spec.tune.space if spec.tune else None)
@@ -160,25 +201,26 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, spec: ExperimentSpec | None = None) -> int:
-    spec = spec or spec_mod.load(args.file, args.overrides)
+    spec = spec or preflight.load(args.file, args.overrides)
     if spec.tune is None:
         raise SpecError(args.file, "tune", "a `tune:` block (metric, mode, space, ...) for `orchestrator sweep`",
                         None)
     from orchestrator import references
 
     spec = references.resolve(spec, args.file)
-    spec_mod.preflight(spec, args.file)
+    preflight.before_ray(spec, args.file, "sweep")
     log.info("sweep of %s", _summary(spec))
     from ray.tune import TuneError
 
     from orchestrator.tune import sweep
 
-    _init_ray(args.address)
-    try:
-        outcome = sweep(spec, str(args.file))
-    except TuneError as err:
-        print(f"error: sweep {spec.name} failed: {err}\nrun the same command again to resume it", file=sys.stderr)
-        return 1
+    with run_lock.hold(spec.storage_path, spec.name):
+        _init_ray(args.address)
+        try:
+            outcome = sweep(spec, str(args.file))
+        except TuneError as err:
+            print(f"error: sweep {spec.name} failed: {err}\nrun the same command again to resume it", file=sys.stderr)
+            return 1
     _print_sweep(outcome, spec)
     if outcome.interrupted:
         print(f"sweep {spec.name} was interrupted: run the same command again to resume it", file=sys.stderr)
@@ -190,26 +232,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Validate here (exit 2 before anything is sent), then submit; 0 when the job succeeds."""
     from orchestrator.submit import prepare, submit
 
-    spec = spec_mod.load(args.file, args.overrides)
+    spec = preflight.load(args.file, args.overrides)
     submission = prepare(spec, args.file, list(args.overrides), Path(args.working_dir), args.python,
                          args.tracking_uri)
+    preflight.check_server(args.address, "orchestrator submit", "--address")
     status = submit(args.address, submission, wait=not args.no_wait)
     print(f"job {submission.submission_id}: {status}")
     return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") else 1
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from orchestrator import compare
-    from orchestrator.tracking import resolve_tracking_uri
 
-    client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
+    uri = preflight.check_mlflow("orchestrator compare", args.tracking_uri, existing=True)
     try:
+        client = MlflowClient(uri)
         runs = compare.resolve_runs(client, args.run_ids, args.experiment, args.sweep)
-    except LookupError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (LookupError, MlflowException) as err:
+        print(f"error: orchestrator compare: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    preflight.check_writable(args.out, "orchestrator compare", "--out")
     table, files = compare.compare(client, runs, args.metrics, Path(args.out))
     print(table)
     print("wrote " + ", ".join(str(f) for f in files))
@@ -224,6 +269,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from orchestrator.perfmodel.profile import profile, read_table
     from orchestrator.perfmodel.regress import FittedModel
 
+    if args.out and Path(args.out).is_dir():
+        raise SpecError("orchestrator profile", "--out", "a Parquet file to write", Shown("a directory"))
+    preflight.check_writable(Path(args.out).parent if args.out else "profiles", "orchestrator profile", "--out")
     _init_ray(args.address)
     device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     out = Path(args.out or f"profiles/{socket.gethostname()}-{device}.parquet")
@@ -245,10 +293,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from orchestrator.compare import format_table
     from orchestrator.perfmodel import plan as plan_mod
-    from orchestrator.tracking import display_uri, resolve_tracking_uri
+    from orchestrator.tracking import display_uri
 
-    spec = spec_mod.load(args.file, args.overrides)
-    if args.devices <= 0 or args.nodes <= 0 or args.devices % args.nodes:
+    spec = preflight.load(args.file, args.overrides)
+    uri = preflight.check_mlflow(args.file, from_flag=args.tracking_uri, from_file=spec.tracking.tracking_uri)
+    preflight.check_writable(args.out or f"plans/{spec.name}", "orchestrator plan", "--out")
+    if args.devices % args.nodes:
         print(f"error: --gpus {args.devices} must be a positive multiple of --nodes {args.nodes}", file=sys.stderr)
         return 2
     try:
@@ -271,7 +321,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"{files['override']}`)")
     else:
         print("no data-parallel layout fits in memory: see the tp/pp rows, or add devices", file=sys.stderr)
-    uri = resolve_tracking_uri(args.tracking_uri or spec.tracking.tracking_uri)
     run_id = plan_mod.log_to_mlflow(uri, spec, str(args.file), predictor.hardware, args.devices, args.nodes, rows,
                                     files, seconds)
     print(f"wrote {files['csv'].parent}; MLflow run {run_id} in {display_uri(uri)}")
@@ -342,6 +391,8 @@ def _print_best_architecture(best: dict, spec: ExperimentSpec) -> None:
 def cmd_ls(args: argparse.Namespace) -> int:
     import trainers
 
+    if args.experiments and not Path(args.experiments).is_dir():
+        raise SpecError("orchestrator ls", "--experiments", "a directory of experiment files", args.experiments)
     experiments = _experiments_by_method(Path(args.experiments or "experiments"))
     for name in sorted(trainers.TRAINERS):
         spec = trainers.get(name)
@@ -355,8 +406,8 @@ def _experiments_by_method(root: Path) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for path in sorted(root.rglob("*.yaml")) if root.is_dir() else []:
         try:
-            method = (yaml.safe_load(path.read_text()) or {}).get("method")
-        except yaml.YAMLError:
+            method = spec_mod.read_yaml(path).get("method")
+        except SpecError:
             continue
         if isinstance(method, str):
             found.setdefault(method, []).append(str(path))

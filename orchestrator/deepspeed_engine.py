@@ -7,10 +7,10 @@ without DeepSpeed; DeepSpeed steps both at gradient-accumulation boundaries.
 
 Checkpoints: every rank calls `save_checkpoint` into its own directory (the file names are rank-unique: ZeRO
 shards `zero_pp_rank_{r}_mp_rank_00_*`), writes its RNG state and a manifest of its files; Ray merges the ranks'
-directories into one checkpoint. Resuming loads the same tag on every rank, after checking every rank's manifest,
-with the same number of workers (ZeRO shards are per rank). DeepSpeed reads its own files with
-torch.load(weights_only=False) (its TorchCheckpointEngine): only resume from checkpoints you trust; the RNG files
-are read by orchestrator.checkpoint, with weights_only=True.
+directories into one checkpoint. Resuming loads the same tag on every rank, after rank 0 has verified every rank's
+files against their manifests (size and sha256), with the same number of workers (ZeRO shards are per rank).
+DeepSpeed reads its own files with torch.load(weights_only=False) (its TorchCheckpointEngine): only resume from
+checkpoints you trust; the RNG files are read by orchestrator.checkpoint, with weights_only=True.
 
 On CPU: DS_ACCELERATOR=cpu, fp32, a torch optimizer (no fused or CPU-Adam kernels to compile).
 """
@@ -97,11 +97,12 @@ class DeepSpeedEngine:
     def save(self, directory: Path, rank: int, position: Position) -> None:
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False,
                                     client_state={"step": position.step, "micro": position.micro})
-        ckpt_io.save_rng(directory, rank)
-        ckpt_io.save_rank_manifest(directory, rank, self.world, position.step)
+        written = ckpt_io.save_rng(directory, rank)
+        ckpt_io.save_rank_manifest(directory, rank, self.world, position.step, written)  # reads DeepSpeed's back
 
     def restore(self, directory: Path, rank: int) -> Position:
-        manifest = ckpt_io.verify(directory)
+        """From a checkpoint rank 0 has verified (launch._resume_point)."""
+        manifest = ckpt_io.read_manifest(directory)
         if manifest.get("ranks") != self.world:
             raise CheckpointError(f"checkpoint {directory} was written by {manifest.get('ranks')} DeepSpeed ranks; "
                                   f"resuming needs the same number of workers, found {self.world}")

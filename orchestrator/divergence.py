@@ -10,8 +10,9 @@ step: a rank's loss can go NaN a step before another's. So the run stops at most
 loss broke, and never writes a checkpoint after it.
 
 A NaN is deterministic: retrying from the last checkpoint would meet it again. `no_retry_callback` turns
-`NonFiniteLossError` (and an unreadable dataset file's `DataFileError`) into a Ray Train controller error, which
-Ray Train v2's failure policy does not retry (it retries worker errors up to `FailureConfig.max_failures`).
+`NonFiniteLossError` (and an unreadable dataset file's `DataFileError`, and a checkpoint write's persistent I/O
+error, `CheckpointWriteError`) into a Ray Train controller error, which Ray Train v2's failure policy does not retry
+(it retries worker errors up to `FailureConfig.max_failures`).
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ WEIGHTS = "weights"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The run stopped at `step` because `what` (e.g. "loss") was NaN or Inf; `last_checkpoint` is the latest
-    checkpoint written before it, as (step, path), or None."""
+    """The run stopped at `step` because `what` (e.g. "loss") was NaN or Inf; `last_checkpoint` is the newest
+    checkpoint written before it that verified by content, as (step, path), or None."""
 
     def __init__(self, what: str, step: int, method: str, run: str, last_checkpoint: tuple[int, str] | None):
         self.what, self.step, self.method, self.run, self.last_checkpoint = what, step, method, run, last_checkpoint
         if last_checkpoint is None:
             where = "no checkpoint was written before it (running it again starts from step 0)"
         else:
-            where = (f"the last good checkpoint is step {last_checkpoint[0]} at {last_checkpoint[1]} (the same "
+            where = (f"the last verified checkpoint is step {last_checkpoint[0]} at {last_checkpoint[1]} (the same "
                      "command resumes from it; a changed `optim` or `config` needs a new `name`)")
         super().__init__(f"{self.reason} (method {method!r}, run {run!r}): the run stopped without writing a "
                          f"checkpoint of this state; {where}")
@@ -100,19 +101,20 @@ def zero3_shard(p: torch.nn.Parameter) -> torch.Tensor:
 
 
 def no_retry_callback() -> Any:
-    """A Ray Train UserCallback (on the controller) that re-raises a worker's NonFiniteLossError or DataFileError
-    (an unreadable dataset file): errors a retry from the last checkpoint would meet again. An error raised by a
-    controller callback becomes a ControllerError, which the default failure policy raises at once instead of
-    restarting the workers. Other worker errors are left to `FailureConfig.max_failures`. (Built here so that
-    importing this module needs no Ray.)"""
+    """A Ray Train UserCallback (on the controller) that re-raises a worker's NonFiniteLossError, DataFileError
+    (an unreadable dataset file) or CheckpointWriteError (disk full, ...): errors a retry would meet again. An
+    error raised by a controller callback becomes a ControllerError, which the default failure policy raises at
+    once instead of restarting the workers. Other worker errors are left to `FailureConfig.max_failures`. (Built
+    here so that importing this module needs no Ray.)"""
     from ray.train import UserCallback
 
+    from orchestrator.checkpoint import CheckpointWriteError
     from orchestrator.data.sources import DataFileError
 
     class NoRetryOnDeterministicErrors(UserCallback):
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             for error in worker_exceptions.values():
-                if isinstance(error, (NonFiniteLossError, DataFileError)):
+                if isinstance(error, (NonFiniteLossError, DataFileError, CheckpointWriteError)):
                     raise error
 
     return NoRetryOnDeterministicErrors()

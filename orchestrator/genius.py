@@ -47,8 +47,9 @@ Deviations, all deliberate:
 Files under `log_dir`, rewritten after every exchange so that a crash keeps them (the sweep uploads them):
 chat.json (every request's messages with its reply, the requested and the served model, usage), chat.md (a
 transcript), candidates.jsonl (every reply with its verdict, the parsed code, FLOPs, params and, later, accuracy) and
-usage.json (token and request totals). The API key is read from the environment when the client is made and is
-kept only inside the client, which is neither pickled nor saved.
+usage.json (token and request totals), with credentials in them replaced by *** (the API key's value, token-shaped
+values: tracking.redact_text). The API key is read from the environment when the client is made and is kept only
+inside the client, which is neither pickled nor saved.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from urllib.parse import urlparse
 import openai
 from ray.tune.search import Searcher
 
+from orchestrator.tracking import redact_text
 from trainers.nas import arch_value
 from trainers.nas.space import InvalidArchitecture, SearchSpace
 
@@ -409,10 +411,12 @@ class GeniusSearcher(Searcher):
         chat = {"model": self.model, "variant": self.variant, "persona": self.persona, "exchanges": self._exchanges}
         usage = dict(self._usage, model=self.model,
                      server_models=sorted({exchange["server_model"] for exchange in self._exchanges}))
-        _write_text(self.log_dir / "chat.json", json.dumps(chat, indent=1))
-        _write_text(self.log_dir / "chat.md", self._transcript())
-        _write_text(self.log_dir / "candidates.jsonl", "".join(json.dumps(c) + "\n" for c in self._candidates))
-        _write_text(self.log_dir / "usage.json", json.dumps(usage, indent=1))
+        files = {"chat.json": json.dumps(chat, indent=1), "chat.md": self._transcript(),
+                 "candidates.jsonl": "".join(json.dumps(c) + "\n" for c in self._candidates),
+                 "usage.json": json.dumps(usage, indent=1)}
+        key = os.environ.get(self.api_key_env, "")  # hidden whatever the variable is called
+        for name, text in files.items():
+            _write_text(self.log_dir / name, redact_text(text, [key]))
 
     def _transcript(self) -> str:
         """chat.md: each exchange's new messages (those its conversation did not already show) and its reply."""

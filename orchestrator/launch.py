@@ -1,13 +1,15 @@
 """One experiment under Ray Train v2: the driver side (`launch`) and the per-worker step loop (`train_loop`).
 
 Resume = launching the same experiment again with the same `storage_path` + `name`: Ray Train finds the run
-state there and `ray.train.get_checkpoint()` returns the latest complete checkpoint. Within a run, a worker that
-dies is restarted by Ray (`resources.max_failures`) from the same checkpoint. The checkpoint holds the model
-(with the method's EMA teachers, queues and banks), optimizer, scheduler, step, data position and every rank's
-RNG state, so a resumed run replays the lost steps exactly (with `data.loader_workers: 0`).
+state there, and every rank resumes from the newest checkpoint in the run directory that verifies by content
+(orchestrator/run_checkpoints.py; newer ones that do not are set aside). Within a run, a worker that dies is
+restarted by Ray (`resources.max_failures`) the same way. The checkpoint holds the model (with the method's EMA
+teachers, queues and banks), optimizer, scheduler, step, data position and every rank's RNG state, so a resumed
+run replays the lost steps exactly (with `data.loader_workers: 0`).
 
 A loss that turns NaN or Inf stops the run without a checkpoint of the broken state, and is not retried
-(orchestrator/divergence.py): the MLflow run is FAILED with the tag `stopped_reason`.
+(orchestrator/divergence.py): the MLflow run is FAILED with the tag `stopped_reason`. So does a persistent write
+error while checkpointing (disk full, quota, read-only, permissions), after removing the partial checkpoint.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 import yaml
 from torch import nn
@@ -34,12 +37,14 @@ from orchestrator import checkpoint as ckpt_io
 from orchestrator import spec as spec_mod
 from orchestrator.divergence import LossGuard, NonFiniteLossError, local_weights, no_retry_callback
 from orchestrator.optim import base_lr, build_optimizer, build_scheduler, default_param_groups, load_training_state
+from orchestrator.run_checkpoints import RunCheckpoints, fallback_message, filesystem, forget_missing
 from orchestrator.spec import ExperimentSpec, Shown, SpecError
 from orchestrator.storage import RunDir, absolute
 
 log = logging.getLogger("orchestrator")
 
 COMPARED_ON_RESUME = ("method", "seed", "data", "config", "optim", "tune")
+RESULT = "result.json"  # written in the run directory when the run has finished
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -72,6 +77,7 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
                         Shown("a sweep"))
     run_dir = RunDir(spec.storage_path, spec.name)
     check_same_experiment(spec, run_dir)
+    wait_for_workers(spec)
     prepare_data_on_driver(spec)
     tracker = Tracker(resolve_tracking_uri(spec.tracking.tracking_uri))
     run_id, resumed = open_mlflow_run(tracker, spec, run_dir, spec_file)
@@ -83,14 +89,67 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
     watcher = ProgressWatcher(board, spec.optim.steps)
     loop_config = {"spec_yaml": spec_mod.to_yaml(spec), "tracking_uri": tracker.uri, "run_id": run_id, "board": board}
     watcher.start()
-    result = None
+    result, reevaluation = None, None
     try:
         result = torch_trainer(spec, loop_config).fit()
+        reevaluation = ray.get(board.read.remote(), timeout=30).get("reevaluation")
+    except Exception as err:
+        _record_write_failure(tracker, run_id, spec, err)
+        raise
     finally:
         watcher.stop()
         ray.kill(board)
         metrics = finish_mlflow_run(tracker, run_id, result)
-    return RunOutcome(metrics, run_id, tracker.uri, str(run_dir), resumed)
+    outcome = RunOutcome(metrics, run_id, tracker.uri, str(run_dir), resumed)
+    if result.error is None:
+        record_finished(run_dir, outcome)
+    if reevaluation is not None:  # a finished run evaluated again (--reeval): shown, not stored over its result
+        outcome.metrics = {**metrics, **reevaluation}
+    return outcome
+
+
+def _record_write_failure(tracker: Any, run_id: str, spec: ExperimentSpec, error: BaseException) -> None:
+    """A run stopped by a checkpoint write error: the MLflow tag `stopped_reason` says so, and the partial
+    checkpoint is removed once more now that no rank is writing (one may have been uploading while another
+    removed it)."""
+    failure = find_error(error, ckpt_io.CheckpointWriteError)
+    if failure is None:
+        return
+    tracker.client.set_tag(run_id, "stopped_reason", failure.reason)
+    root = f"{spec.storage_path.rstrip('/')}/{spec.name}"
+    if failure.path.startswith(f"{root}/checkpoint_"):
+        RunCheckpoints(root, keep=None).remove(failure.path.removeprefix(f"{root}/"))
+
+
+def find_error(error: BaseException, kind: type[BaseException]) -> Any:
+    """The first `kind` in what a failed Ray Train run raised: its controller's or workers' errors, causes."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if isinstance(current, kind):
+            return current
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        pending += [getattr(current, "controller_failure", None), current.__cause__, current.__context__,
+                    *getattr(current, "worker_failures", {}).values()]
+    return None
+
+
+def record_finished(run_dir: RunDir, outcome: RunOutcome) -> None:
+    """`result.json` in the run directory: the final metrics and where they are tracked. Running the experiment
+    again answers from it without starting Ray (`finished_outcome`)."""
+    run_dir.write(RESULT, json.dumps({**dataclasses.asdict(outcome), "finished_at": time.time()}))
+
+
+def finished_outcome(spec: ExperimentSpec) -> tuple[RunOutcome, float] | None:
+    """The stored outcome of `spec`'s run and when it finished, or None while the run has not finished."""
+    stored = RunDir(absolute(spec.storage_path), spec.name).read(RESULT)
+    if stored is None:
+        return None
+    fields = json.loads(stored)
+    finished_at = fields.pop("finished_at")
+    return RunOutcome(**{**fields, "resumed": True}), finished_at
 
 
 def _launch_method_run(spec: ExperimentSpec, tracker: Any, run_id: str, run_dir: RunDir, resumed: bool) -> RunOutcome:
@@ -103,7 +162,28 @@ def _launch_method_run(spec: ExperimentSpec, tracker: Any, run_id: str, run_dir:
         tracker.close(run_id, bool(metrics))
         if metrics:
             tracker.log_dict(run_id, metrics, "final_metrics.json")
-    return RunOutcome(metrics, run_id, tracker.uri, str(run_dir), resumed)
+    outcome = RunOutcome(metrics, run_id, tracker.uri, str(run_dir), resumed)
+    record_finished(run_dir, outcome)
+    return outcome
+
+
+def worker_resources(resources: spec_mod.ResourcesSpec) -> dict[str, float]:
+    """What one worker (a Ray Train rank, or a run method's task) holds."""
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.gpus_per_worker:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return per_worker
+
+
+def wait_for_workers(spec: ExperimentSpec) -> None:
+    """Until the cluster can place the run's workers (a run method's tasks queue, so one at a time suffices), at
+    most resources.placement_timeout_s; PlacementError names what was asked for and what the cluster has."""
+    from orchestrator.placement import wait_for_placement
+
+    resources = spec.resources
+    together = resources.workers if spec.trainer.run is None else 1
+    wait_for_placement(worker_resources(resources), together, resources.placement_strategy,
+                       resources.placement_timeout_s, f"run {spec.name}")
 
 
 def prepare_data_on_driver(spec: ExperimentSpec) -> None:
@@ -152,25 +232,27 @@ def torch_trainer(spec: ExperimentSpec, loop_config: dict[str, Any], name: str |
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from orchestrator.placement import controller_failure_limit
+
     name, storage_path = name or spec.name, storage_path or spec.storage_path
     loop_config = {**loop_config, "checkpoint_root": f"{storage_path.rstrip('/')}/{name}"}
-    resources = {"CPU": spec.resources.cpus_per_worker}
-    if spec.resources.gpus_per_worker:
-        resources["GPU"] = spec.resources.gpus_per_worker
+    forget_missing(loop_config["checkpoint_root"])
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=spec.resources.workers,
             use_gpu=spec.resources.gpus_per_worker > 0,
-            resources_per_worker=resources,
+            resources_per_worker=worker_resources(spec.resources),
             placement_strategy=spec.resources.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=spec.resources.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            failure_config=FailureConfig(max_failures=spec.resources.max_failures,
+                                         controller_failure_limit=controller_failure_limit(
+                                             spec.resources.placement_timeout_s)),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),  # the step loop keeps only verified ones
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress replaces Ray Train's info lines
             callbacks=[*callbacks, no_retry_callback()],
         ),
@@ -192,17 +274,24 @@ def absolute_paths(spec: ExperimentSpec) -> ExperimentSpec:
 
 
 def check_same_experiment(spec: ExperimentSpec, run_dir: RunDir) -> None:
-    """Resuming `name` with a different recipe would silently mix two experiments: refuse it."""
-    current = yaml.safe_load(_public_yaml(spec))
+    """Resuming `name` with a different recipe would silently mix two experiments: refuse it; a new run records
+    its recipe."""
+    if not compare_with_recorded(spec, run_dir):
+        run_dir.write("experiment.yaml", _public_yaml(spec))
+
+
+def compare_with_recorded(spec: ExperimentSpec, run_dir: RunDir) -> bool:
+    """Whether `run_dir` records an experiment (writing nothing); a SpecError when it records another recipe."""
     saved = run_dir.read("experiment.yaml")
     if saved is None:
-        run_dir.write("experiment.yaml", _public_yaml(spec))
-        return
+        return False
+    current = yaml.safe_load(_public_yaml(spec))
     saved_spec = yaml.safe_load(saved)
     for key in COMPARED_ON_RESUME:
         if saved_spec.get(key) != current.get(key):
             raise SpecError(f"{run_dir}/experiment.yaml", key,
                             f"the same `{key}` as the run being resumed (or a new `name`)", current.get(key))
+    return True
 
 
 def _public_yaml(spec: ExperimentSpec) -> str:
@@ -276,26 +365,49 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     seed_everything(spec.seed, rank)
     setup = Setup.build(spec, device)
     engine = _engine(setup, device, rank, world)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("initial_checkpoint"):  # a sweep trial restarted by Tune
-        checkpoint = ray.train.Checkpoint(loop_config["initial_checkpoint"])
+    logger = _metric_logger(loop_config, rank, setup.data.artifacts)
+    checkpoints = RunCheckpoints(loop_config["checkpoint_root"], spec.checkpoint.keep)
+    start = _resume_point(checkpoints, loop_config.get("initial_checkpoint"), rank, world, logger)
     position, last_checkpoint = Position(), None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+    if start is not None:
+        with ray.train.Checkpoint(start).as_directory() as directory:
             position = engine.restore(Path(directory), rank)
-        last_checkpoint = (position.step, checkpoint.path)
+        last_checkpoint = (position.step, start)
         log.info("rank %d resumed at step %d", rank, position.step)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> str | None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:09d}")
-        return f"{loop_config['checkpoint_root']}/checkpoint_{step:09d}" if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(step))
+        return f"{loop_config['checkpoint_root']}/{checkpoint_name(step)}" if checkpoint_dir else None
 
-    logger = _metric_logger(loop_config, rank, setup.data.artifacts)
     if logger is not None and position.step:
         logger.set_tag("resumed_from_step", str(position.step))
-    loop = StepLoop(setup, engine, device, rank, world, report, logger, loop_config["board"], last_checkpoint)
+    loop = StepLoop(setup, engine, device, rank, world, report, logger, loop_config["board"], last_checkpoint,
+                    checkpoints)
     loop.run(position)
+
+
+def _resume_point(checkpoints: RunCheckpoints, initial: str | None, rank: int, world: int, logger: Any) -> str | None:
+    """The checkpoint every rank restores, chosen by rank 0: the run's newest that verifies (those newer are set
+    aside, logged and tagged `checkpoint_fallback`), else a sweep trial's start checkpoint (verified too), else
+    None."""
+    start = None
+    if rank == 0:
+        name, set_aside = checkpoints.newest_verified()
+        start = checkpoints.display(name) if name else initial
+        if name is None and initial is not None:
+            fs, path = filesystem(initial)
+            ckpt_io.verify(path, fs)
+        if set_aside:
+            message = fallback_message(set_aside, start)
+            log.warning("%s", message)
+            if logger is not None:
+                logger.set_tag("checkpoint_fallback", message[:5000])
+    if world > 1:
+        chosen = [start]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        start = chosen[0]
+    return start
 
 
 def _engine(setup: Setup, device: torch.device, rank: int, world: int) -> Any:
@@ -309,7 +421,7 @@ def _engine(setup: Setup, device: torch.device, rank: int, world: int) -> Any:
     step_module = ray.train.torch.prepare_model(
         TrainStep(setup.model, setup.method.train_step, setup.cfg), move_to_device=False,
         parallel_strategy_kwargs={"find_unused_parameters": setup.method.dynamic_graph})
-    return TorchEngine(setup, step_module, device)
+    return TorchEngine(setup, step_module, device, world)
 
 
 def train_in_process(spec: ExperimentSpec, device: torch.device | None = None,
@@ -326,12 +438,14 @@ def train_in_process(spec: ExperimentSpec, device: torch.device | None = None,
         reported.update(metrics)
         if checkpoint_dir is None or checkpoint_root is None:
             return None
-        kept = Path(checkpoint_root) / f"checkpoint_{step:09d}"
-        shutil.copytree(checkpoint_dir, kept)
+        kept = Path(checkpoint_root) / checkpoint_name(step)
+        kept.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(str(checkpoint_dir), str(kept))  # as Ray Train stores it; an OSError keeps its errno
         return str(kept)
 
     engine = TorchEngine(setup, TrainStep(setup.model, setup.method.train_step, setup.cfg), device)
-    StepLoop(setup, engine, device, 0, 1, report).run(Position())
+    checkpoints = RunCheckpoints(str(checkpoint_root), keep=None) if checkpoint_root is not None else None
+    StepLoop(setup, engine, device, 0, 1, report, checkpoints=checkpoints).run(Position())
     return reported
 
 
@@ -352,6 +466,10 @@ def _metric_logger(loop_config: dict[str, Any], rank: int, artifacts: dict[str, 
     return logger
 
 
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:09d}"
+
+
 # (metrics, checkpoint dir or None, step) -> where the checkpoint was kept, or None
 Report = Callable[[dict[str, float], Path | None, int], str | None]
 
@@ -364,8 +482,8 @@ class TorchEngine:
 
     even_eval_shards = False  # eval needs no collective inside the forward pass
 
-    def __init__(self, setup: Setup, step_module: nn.Module, device: torch.device):
-        self.setup, self.step_module, self.device = setup, step_module, device
+    def __init__(self, setup: Setup, step_module: nn.Module, device: torch.device, world: int = 1):
+        self.setup, self.step_module, self.device, self.world = setup, step_module, device, world
         use_amp = setup.spec.optim.amp and device.type == "cuda"
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
 
@@ -390,15 +508,17 @@ class TorchEngine:
         return {"loss": total / accum, **metrics, "lr": base_lr(setup.optimizer)}
 
     def save(self, directory: Path, rank: int, position: Position) -> None:
-        ckpt_io.save_rng(directory, rank)
+        written = ckpt_io.save_rng(directory, rank)
         if rank == 0:
             setup = self.setup
             train_state = {"optimizer": setup.optimizer.state_dict(), "scheduler": setup.scheduler.state_dict(),
                            "step": position.step, "micro": position.micro}
-            ckpt_io.save_main(directory, setup.model.state_dict(), train_state)
+            written.update(ckpt_io.save_state(directory, setup.model.state_dict(), train_state))
+        ckpt_io.save_rank_manifest(directory, rank, self.world, position.step, written)
 
     def restore(self, directory: Path, rank: int) -> Position:
-        model_state, train_state, rng = ckpt_io.load(directory, rank)
+        """From a checkpoint rank 0 has verified (`_resume_point`)."""
+        model_state, train_state, rng = ckpt_io.read(directory, rank)
         setup = self.setup
         setup.model.load_state_dict(model_state)
         load_training_state(setup.optimizer, setup.scheduler, train_state["optimizer"], train_state["scheduler"])
@@ -412,22 +532,25 @@ class StepLoop:
 
     `report` is called on every rank at the same steps (under Ray it is a barrier); rank 0 logs to `logger`
     (MLflow) and posts progress to `board` when they are given. A NaN or Inf loss is looked for at each log line
-    and before each report (orchestrator/divergence.py); `last_checkpoint` is (step, path) of the checkpoint the
-    run resumed from, named when it stops.
+    and before each report (orchestrator/divergence.py); `last_checkpoint` is (step, path) of the newest verified
+    checkpoint (at first the one the run resumed from), named when it stops. `checkpoints`: the run directory's,
+    where rank 0 verifies each new checkpoint and prunes old ones, and a write error's partial one is removed.
     """
 
     def __init__(self, setup: Setup, engine: Any, device: torch.device, rank: int, world: int,
                  report: Report, logger: Any = None, board: Any = None,
-                 last_checkpoint: tuple[int, str] | None = None):
+                 last_checkpoint: tuple[int, str] | None = None, checkpoints: RunCheckpoints | None = None):
         self.setup, self.spec, self.engine, self.device = setup, setup.spec, engine, device
         self.rank, self.world, self.report, self.logger, self.board = rank, world, report, logger, board
         self.last_train: dict[str, float] = {}  # the latest logged train/* means, sent with every report
         self.micro_batch = self.spec.optim.batch_size // (world * self.spec.optim.grad_accum)
         self.guard = LossGuard(("loss", *setup.method.finite_metrics), device, world)
-        self.last_checkpoint = last_checkpoint
+        self.last_checkpoint, self.checkpoints = last_checkpoint, checkpoints
 
     def run(self, position: Position) -> None:
-        total = self.spec.optim.steps
+        """Train from `position` to optim.steps, then evaluate. Started at the last step (a finished run evaluated
+        again), it only evaluates: no checkpoint is written and nothing is logged twice."""
+        total, start = self.spec.optim.steps, position.step
         batches = step_batches(self.setup.data.train, self.micro_batch, self.rank, self.world, self.spec.seed,
                                position.micro, self.spec.data.loader_workers, self.device)
         window = Window(self.spec.optim.batch_size)
@@ -450,7 +573,10 @@ class StepLoop:
             self._log(window.flush(), position.step)
         self._stop_if_diverged(position.step, weights=True)
         final = self.evaluate(position.step)
-        self._report(final, position, with_checkpoint=True)
+        trained = position.step > start
+        if not trained and self.rank == 0 and self.board is not None:  # the driver reads it: Ray's result keeps
+            self.board.post.remote({"step": position.step, "reevaluation": final})  # the checkpoint's metrics
+        self._report(final, position, with_checkpoint=trained, log_metrics=trained)
         if self.rank == 0:
             log.info("finished at step %d: %s", position.step, json.dumps(final))
 
@@ -490,21 +616,24 @@ class StepLoop:
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
         """eval_step sums over this rank's share of the test set, added over ranks, divided by the count; rank 0
-        logs the method's figure of its first batch (`eval_figure`) as the artifact eval/figure_<step>.png."""
+        logs the method's figure of its first batch (`eval_figure`) as the artifact eval/figure_<step>.png. Every
+        rank evaluates with rank 0's buffers, the state a checkpoint holds, so evaluating a checkpoint again gives
+        the same numbers."""
         setup = self.setup
         if setup.method.eval_step is None:
             return {}
         setup.model.eval()
         totals: dict[str, torch.Tensor] = {}
-        for k, batch in enumerate(eval_batches(setup.data.test, self.spec.eval.batch_size, self.rank, self.world,
-                                               self.device, even=self.engine.even_eval_shards)):
-            with self.engine.autocast():
-                sums = setup.method.eval_step(setup.model, batch, setup.cfg)
-                if k == 0 and self.rank == 0 and self.logger is not None and setup.method.eval_figure is not None:
-                    figure = setup.method.eval_figure(setup.model, batch, setup.cfg)
-                    self.logger.log_bytes(figure, f"eval/figure_{step:08d}.png")
-            for key, value in sums.items():
-                totals[key] = totals.get(key, 0) + value.detach().double()
+        with rank0_buffers(setup.model, self.world):
+            for k, batch in enumerate(eval_batches(setup.data.test, self.spec.eval.batch_size, self.rank, self.world,
+                                                   self.device, even=self.engine.even_eval_shards)):
+                with self.engine.autocast():
+                    sums = setup.method.eval_step(setup.model, batch, setup.cfg)
+                    if k == 0 and self.rank == 0 and self.logger is not None and setup.method.eval_figure is not None:
+                        figure = setup.method.eval_figure(setup.model, batch, setup.cfg)
+                        self.logger.log_bytes(figure, f"eval/figure_{step:08d}.png")
+                for key, value in sums.items():
+                    totals[key] = totals.get(key, 0) + value.detach().double()
         setup.model.train()
         keys = sorted(totals)
         stacked = torch.stack([totals[k] for k in keys]) if keys else torch.zeros(0, device=self.device)
@@ -519,22 +648,86 @@ class StepLoop:
             means.update(setup.method.eval_summary(means))
         return {f"eval/{k}": v for k, v in means.items() if not k.startswith("_")}
 
-    def _report(self, metrics: dict[str, float], position: Position, with_checkpoint: bool) -> None:
+    def _report(self, metrics: dict[str, float], position: Position, with_checkpoint: bool,
+                log_metrics: bool = True) -> None:
         """With a checkpoint, each rank writes its part (engine.save) into its own directory, then all report: Ray
         merges the ranks' directories into one checkpoint."""
-        if self.rank == 0 and metrics and self.logger is not None:
+        if self.rank == 0 and metrics and self.logger is not None and log_metrics:
             self.logger.log(metrics, position.step)
         metrics = {**self.last_train, **metrics, "step": position.step}
         if not with_checkpoint:
             self.report(metrics, None, position.step)
             return
         directory = Path(tempfile.mkdtemp(prefix="ckpt-"))
+        name = checkpoint_name(position.step)
         try:
-            self.engine.save(directory, self.rank, position)
-            kept = self.report(metrics, directory, position.step)
-            self.last_checkpoint = (position.step, kept or "a temporary directory, since deleted")
+            with self._write_errors_stop(position.step, str(directory)):
+                self.engine.save(directory, self.rank, position)
+            stored = self.checkpoints.display(name) if self.checkpoints else str(directory)
+            with self._write_errors_stop(position.step, stored):
+                kept = self.report(metrics, directory, position.step)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+        if self._verified(name):
+            self.last_checkpoint = (position.step, kept)
+
+    @contextmanager
+    def _write_errors_stop(self, step: int, where: str) -> Iterator[None]:
+        """A persistent write error (disk full, quota, read-only, no permission) stops the run: this rank removes
+        the partial checkpoint and raises CheckpointWriteError, which Ray does not retry. `where`: the directory
+        being written."""
+        try:
+            yield
+        except OSError as err:
+            if not ckpt_io.is_persistent(err):
+                raise
+            if self.checkpoints is not None:
+                self.checkpoints.remove(checkpoint_name(step))
+            error = ckpt_io.write_failure(err, step, where)
+            log.error("rank %d: %s", self.rank, error)
+            raise error from None
+
+    def _verified(self, name: str) -> bool:
+        """After every rank's part is stored: rank 0 verifies the new checkpoint (and then deletes those beyond
+        `checkpoint.keep`), and all ranks learn whether it did verify. One that does not is set aside."""
+        if self.checkpoints is None:
+            return False
+        if self.world > 1:
+            torch.distributed.barrier()  # every rank's upload is done
+        verdict = [self.rank == 0 and self._verify_and_prune(name)]
+        if self.world > 1:
+            torch.distributed.broadcast_object_list(verdict, src=0)
+        return verdict[0]
+
+    def _verify_and_prune(self, name: str) -> bool:
+        try:
+            self.checkpoints.check(name)
+        except ckpt_io.CorruptCheckpointError as err:
+            set_aside = self.checkpoints.set_aside(name, str(err))
+            log.error("the checkpoint just written %s did not verify (%s); set aside as %s", name, err,
+                      set_aside.moved_to)
+            return False
+        self.checkpoints.prune()
+        return True
+
+
+@contextmanager
+def rank0_buffers(model: nn.Module, world: int) -> Iterator[None]:
+    """Rank 0's buffers on every rank while inside, this rank's own put back after. DDP broadcasts the buffers at
+    the start of each training forward pass, but each rank's BatchNorm then updates its running statistics with its
+    own batch, so after a step the ranks' statistics differ and only rank 0's reach the checkpoint."""
+    if world == 1:
+        yield
+        return
+    buffers = [b for b in model.buffers() if b.numel()]
+    own = [b.clone() for b in buffers]
+    for b in buffers:
+        torch.distributed.broadcast(b, src=0)
+    try:
+        yield
+    finally:
+        for b, saved in zip(buffers, own):
+            b.copy_(saved)
 
 
 class Window:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from pathlib import Path
@@ -42,12 +43,25 @@ class SpecError(ValueError):
     def __init__(self, file: str | Path | None, key: str, expected: str, found: Any = dataclasses.MISSING):
         self.file, self.key, self.expected, self.found = str(file or "<overrides>"), key, expected, found
         where = f"{self.file}: {key}" if key else self.file
-        found_txt = "" if found is dataclasses.MISSING else f", found {found!r}"
+        shown = "" if found is dataclasses.MISSING else repr(found)
+        if len(shown) > 200 and not isinstance(found, Shown):  # a long value is not echoed back in full
+            shown = f"{shown[:160]}... ({len(shown)} characters)"
+        found_txt = f", found {shown}" if shown else ""
         super().__init__(f"{where}: expected {expected}{found_txt}")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Upper bounds of counts: far above any real run, low enough that a typo (steps: 1.0e+30) is refused here rather
+# than overflowing int64 or hanging a worker.
+MAX_STEPS = 10**9  # optimizer steps, and intervals counted in steps: 11 days at 1 ms a step
+MAX_BATCH = 2**24  # examples in a global batch (16.7 M; the largest published batches are below 2**22)
+MAX_WORKERS = 2**16  # Ray Train workers (one per GPU on the largest clusters)
+MAX_SEED = 2**63  # torch.manual_seed takes seeds in [0, 2**63) (and numpy's generators non-negative ones)
+MAX_NAME = 128  # `name` names the run directory and MLflow run: room under the 255-byte file-name limit for the
+# suffixes added to it (checkpoint_000000000, -planned, sweep trial ids, .lock)
 
 
 DATASETS_NEEDING_ROOT = {"cifar10", "cifar100", "stl10", "imagefolder", "parquet", "jsonl", "voc", "cityscapes"}
@@ -59,8 +73,8 @@ class DataSpec(_Strict):
                      "jsonl", "voc", "cityscapes", "shapes_seg"]
     root: str | None = None
     download: bool = False  # cifar10/cifar100/stl10 only, on machines with internet
-    image_size: int | None = Field(default=None, gt=0)  # None: the dataset's native size
-    labeled_per_class: int | None = Field(default=None, gt=0)
+    image_size: int | None = Field(default=None, gt=0, le=2**16)  # None: the dataset's native size
+    labeled_per_class: int | None = Field(default=None, gt=0, le=MAX_BATCH)
     labeled_fraction: float | None = Field(default=None, gt=0, le=1)
     imbalance_factor: float | None = Field(default=None, ge=1)  # long tail: n_c = n_max * IF ** (-c / (C - 1))
     # None: the method's views
@@ -70,31 +84,31 @@ class DataSpec(_Strict):
     # `generate` run (its `generated` folder); to_head fills each class up to the largest class count
     generated: str | None = None
     generated_fill: Literal["to_head", "all"] = "to_head"
-    unlabeled_ratio: int = Field(default=7, gt=0)  # mu: unlabeled images per labeled one (weak_strong*)
-    num_local_crops: int = Field(default=6, ge=0)  # multi_crop, weak_strong_multicrop
-    loader_workers: int = Field(default=2, ge=0)
-    synthetic_per_class: int = Field(default=200, gt=0)
+    unlabeled_ratio: int = Field(default=7, gt=0, le=1024)  # mu: unlabeled images per labeled one (weak_strong*)
+    num_local_crops: int = Field(default=6, ge=0, le=256)  # multi_crop, weak_strong_multicrop
+    loader_workers: int = Field(default=2, ge=0, le=1024)
+    synthetic_per_class: int = Field(default=200, gt=0, le=MAX_BATCH)
     image_column: str = "image"  # parquet
     label_column: str = "label"  # parquet
     # text: documents under `root` matching text_pattern, or (root null) the Python standard library's source
     text_pattern: str = "**/*.txt"
-    max_documents: int | None = Field(default=None, gt=1)  # the first N documents only (quick runs)
-    vocab_size: int = Field(default=8192, gt=256)  # byte-level BPE trained on the train documents
-    seq_len: int = Field(default=256, gt=0)
+    max_documents: int | None = Field(default=None, gt=1, le=MAX_STEPS)  # the first N documents only (quick runs)
+    vocab_size: int = Field(default=8192, gt=256, le=MAX_BATCH)  # byte-level BPE trained on the train documents
+    seq_len: int = Field(default=256, gt=0, le=MAX_BATCH)
     val_fraction: float = Field(default=0.05, gt=0, lt=1)
     cache_dir: str | None = None  # tokenizer + Parquet shards; default ~/.cache/lab-orchestrator/text
     # arithmetic (generated problems, orchestrator/data/reasoning.py); jsonl reads root/train.jsonl, root/test.jsonl
-    num_problems: int = Field(default=20000, gt=0)
-    num_test: int = Field(default=500, gt=0)
-    max_operands: int = Field(default=4, ge=2)
-    max_number: int = Field(default=99, gt=0)
+    num_problems: int = Field(default=20000, gt=0, le=MAX_STEPS)
+    num_test: int = Field(default=500, gt=0, le=MAX_STEPS)
+    max_operands: int = Field(default=4, ge=2, le=64)
+    max_number: int = Field(default=99, gt=0, le=10**18)
     # segmentation (voc, cityscapes, shapes_seg; orchestrator/data/segmentation.py): the labeled images are the ids of
     # labeled_list (a paper's split file, one id or image path a line; relative to root), or num_labeled (or
     # labeled_fraction) drawn from the seed; unset sizes take the dataset's (voc 321 / 0.5-1.5 / 512x512,
     # cityscapes 769 / 0.5-2.0 / 1024x2048, shapes_seg image_size / 0.5-1.5 / image_size)
     labeled_list: str | None = None
-    num_labeled: int | None = Field(default=None, gt=0)
-    crop_size: int | None = Field(default=None, gt=0)  # training crops are crop_size x crop_size
+    num_labeled: int | None = Field(default=None, gt=0, le=MAX_STEPS)
+    crop_size: int | None = Field(default=None, gt=0, le=2**16)  # training crops are crop_size x crop_size
     scale_range: tuple[float, float] | None = None  # random rescale of training images before the crop
     eval_size: tuple[int, int] | None = None  # (H, W): test images shrink to fit, then are padded to it
 
@@ -143,12 +157,13 @@ class OptimSpec(_Strict):
     # cosine_fixmatch: cos(7πk/16K); poly: (1 - k/K) ** power (DeepLab's PolyLR, the segmentation recipes')
     schedule: Literal["cosine", "cosine_fixmatch", "poly", "step", "constant"] = "cosine"
     power: float = Field(default=0.9, gt=0)  # poly
-    warmup_steps: int = Field(default=0, ge=0)
-    milestones: list[int] = []  # step schedule: multiply lr by gamma at these steps
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
+    # step schedule: multiply lr by gamma at these steps
+    milestones: list[typing.Annotated[int, Field(ge=0, le=MAX_STEPS)]] = []
     gamma: float = Field(default=0.1, gt=0)
-    steps: int = Field(gt=0)
-    batch_size: int = Field(gt=0)  # global: split over workers and accumulation steps
-    grad_accum: int = Field(default=1, gt=0)
+    steps: int = Field(gt=0, le=MAX_STEPS)
+    batch_size: int = Field(gt=0, le=MAX_BATCH)  # global: split over workers and accumulation steps
+    grad_accum: int = Field(default=1, gt=0, le=MAX_BATCH)
     clip_grad_norm: float | None = Field(default=None, gt=0)
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU
 
@@ -171,20 +186,22 @@ class DeepSpeedSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    workers: int = Field(default=1, gt=0)
-    cpus_per_worker: float = Field(default=1, gt=0)
-    gpus_per_worker: float = Field(default=0, ge=0)
+    workers: int = Field(default=1, gt=0, le=MAX_WORKERS)
+    cpus_per_worker: float = Field(default=1, gt=0, le=1024)
+    gpus_per_worker: float = Field(default=0, ge=0, le=64)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    max_failures: int = Field(default=3, ge=-1)  # -1: retry forever
+    max_failures: int = Field(default=3, ge=-1, le=MAX_STEPS)  # -1: retry forever
+    # how long the workers may wait to be placed (a busy cluster, nodes booting) before the run stops
+    placement_timeout_s: float = Field(default=900, gt=0, le=7 * 24 * 3600)
     deepspeed: DeepSpeedSpec | None = None  # None: DDP
 
 
 class TrialResources(_Strict):
     """Per-trial overrides of `resources:` in a sweep (unset keys keep the experiment's values)."""
 
-    workers: int | None = Field(default=None, gt=0)
-    cpus_per_worker: float | None = Field(default=None, gt=0)
-    gpus_per_worker: float | None = Field(default=None, ge=0)
+    workers: int | None = Field(default=None, gt=0, le=MAX_WORKERS)
+    cpus_per_worker: float | None = Field(default=None, gt=0, le=1024)
+    gpus_per_worker: float | None = Field(default=None, ge=0, le=64)
 
 
 class SchedulerSpec(BaseModel):
@@ -206,25 +223,26 @@ class SearcherSpec(BaseModel):
 class TuneSpec(_Strict):
     metric: str  # a reported key: eval/<name> or train/<name>
     mode: Literal["min", "max"]
-    num_samples: int = Field(default=1, gt=0)  # with grid values: repeats of the whole grid
-    max_concurrent_trials: int | None = Field(default=None, gt=0)  # None: as many as the cluster fits
-    report_every: int | None = Field(default=None, gt=0)  # steps between evaluations+checkpoints; None: eval.every
+    num_samples: int = Field(default=1, gt=0, le=10**6)  # with grid values: repeats of the whole grid
+    max_concurrent_trials: int | None = Field(default=None, gt=0, le=10**6)  # None: as many as the cluster fits
+    # steps between evaluations+checkpoints; None: eval.every
+    report_every: int | None = Field(default=None, gt=0, le=MAX_STEPS)
     space: dict[str, Any] = {}  # dotted key -> {distribution: args} (orchestrator.search_space)
     scheduler: SchedulerSpec = SchedulerSpec()
     searcher: SearcherSpec = SearcherSpec()
     resources: TrialResources = TrialResources()
-    max_failures: int = Field(default=1, ge=-1)  # restarts of a crashed trial from its last checkpoint
+    max_failures: int = Field(default=1, ge=-1, le=MAX_STEPS)  # restarts of a crashed trial from its last checkpoint
     time_budget_s: float | None = Field(default=None, gt=0)
 
 
 class EvalSpec(_Strict):
-    every: int | None = Field(default=None, gt=0)  # None: only at the end
-    batch_size: int = Field(default=256, gt=0)
+    every: int | None = Field(default=None, gt=0, le=MAX_STEPS)  # None: only at the end
+    batch_size: int = Field(default=256, gt=0, le=MAX_BATCH)
 
 
 class CheckpointSpec(_Strict):
-    every: int = Field(default=500, gt=0)
-    keep: int = Field(default=2, gt=0)
+    every: int = Field(default=500, gt=0, le=MAX_STEPS)
+    keep: int = Field(default=2, gt=0, le=10**4)
 
 
 class TrackingSpec(_Strict):
@@ -236,14 +254,14 @@ class TrackingSpec(_Strict):
 class ExperimentSpec(_Strict):
     name: str
     method: str
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=MAX_SEED)
     data: DataSpec | None = None  # required by methods that train over batches; run(cfg, ctx) methods may omit it
     config: dict[str, Any] = {}
     optim: OptimSpec | None = None  # required by methods that train over batches
     resources: ResourcesSpec = ResourcesSpec()
     eval: EvalSpec = EvalSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
-    log_every: int = Field(default=10, gt=0)
+    log_every: int = Field(default=10, gt=0, le=MAX_STEPS)
     storage_path: str = "runs"
     tune: TuneSpec | None = None  # `orchestrator sweep` runs it; `orchestrator run` ignores it
     tracking: TrackingSpec = TrackingSpec()
@@ -253,6 +271,8 @@ class ExperimentSpec(_Strict):
     def _name_is_a_directory_name(cls, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ValueError("a name of letters, digits, '_', '.' and '-' (it names the run directory)")
+        if len(name) > MAX_NAME:
+            raise ValueError(f"a name of at most {MAX_NAME} characters (it names the run directory)")
         return name
 
     @property
@@ -287,6 +307,9 @@ def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> d
 
 
 def validate(raw: dict[str, Any], path: str | Path | None = None) -> ExperimentSpec:
+    """The schema: keys, types, ranges and the method's config (the `tune:` block's search space and the
+    machine are checked by orchestrator.preflight)."""
+    _check_values(raw, path)
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
@@ -296,56 +319,19 @@ def validate(raw: dict[str, Any], path: str | Path | None = None) -> ExperimentS
         raise SpecError(path, "method", f"one of the known methods ({known}){did_you_mean(spec.method, trainers.TRAINERS)}", spec.method)
     method_config(spec.trainer.Config, spec.config, path)
     _check_method(spec, path)
-    if spec.tune is not None:
-        from orchestrator.tune import check
-
-        check(spec, raw, path)
     return spec
 
 
-def preflight(spec: ExperimentSpec, path: str | Path | None) -> None:
-    """The checks that read this machine, made by `run`, `sweep` and `search` before Ray starts (not by `check`
-    or `validate`: a file may be meant for a cluster whose nodes have the data): the dataset directory, the
-    method's own files (`TrainerSpec.check`, e.g. a benchmark table) and a search's credentials."""
-    root = spec.data.root if spec.data is not None else None
-    if root and "://" not in root and not spec.data.download:
-        if not Path(root).expanduser().exists():
-            raise SpecError(path, "data.root", "an existing dataset directory (or data.download: true)", root)
-        _check_dataset_files(spec.data.model_copy(update={"root": str(Path(root).expanduser())}), path)
-    if spec.data is not None and spec.data.generated:
-        _check_generated(Path(spec.data.generated).expanduser(), path)
-    if spec.trainer.check is not None:
-        try:
-            spec.trainer.check(spec.method_config())
-        except trainers.ConfigError as err:
-            raise SpecError(path, f"config.{err.field}", err.expected, Shown(str(err.found))) from None
-    if spec.tune is not None:
-        from orchestrator.nas_search import preflight as search_preflight
-
-        search_preflight(spec, path)
-
-
-def _check_dataset_files(data: DataSpec, path: str | Path | None) -> None:
-    from orchestrator.data.sources import DataFileError, check_files
-
-    try:
-        check_files(data)
-    except (FileNotFoundError, DataFileError) as err:
-        raise SpecError(path, "data.root", f"readable {data.dataset} files", Shown(str(err))) from None
-    except KeyError as err:  # "data.image_column: column 'img' not in FILE (columns: [...])"
-        key, _, found = str(err.args[0]).partition(": ")
-        raise SpecError(path, key, "a column of the Parquet files", Shown(found)) from None
-
-
-def _check_generated(directory: Path, path: str | Path | None) -> None:
-    from orchestrator.data import generated
-    from orchestrator.data.sources import DataFileError
-
-    try:
-        generated.check(directory)
-    except (FileNotFoundError, DataFileError) as err:
-        raise SpecError(path, "data.generated", "a folder of generated Parquet shards (or run:<name> of a generate "
-                        "run)", Shown(str(err))) from None
+def _check_values(tree: Any, path: str | Path | None, key: str = "") -> None:
+    """No inf or nan anywhere in the file (a learning rate, a search space, a DeepSpeed config), and no NUL
+    character in a string (no path or name holds one)."""
+    if isinstance(tree, float) and not math.isfinite(tree):
+        raise SpecError(path, key, "a finite number", tree)
+    if isinstance(tree, str) and "\0" in tree:
+        raise SpecError(path, key, "text without NUL characters", tree)
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for child_key, child in items:
+        _check_values(child, path, f"{key}.{child_key}" if key else str(child_key))
 
 
 def to_yaml(spec: ExperimentSpec) -> str:
@@ -354,30 +340,24 @@ def to_yaml(spec: ExperimentSpec) -> str:
 
 
 def _merged_yaml(path: Path) -> dict[str, Any]:
-    raw = _read_yaml(path)
+    raw = read_yaml(path)
     base = raw.pop("base", None)
     if base is None:
         return raw
     if not isinstance(base, str):
         raise SpecError(path, "base", "a path to another experiment file", base)
     base_path = (path.parent / base).resolve()
-    if not base_path.is_file():
+    if _kind(base_path) != "a file":
         raise SpecError(path, "base", "an existing file", str(base_path))
-    parent = _read_yaml(base_path)
+    parent = read_yaml(base_path)
     if "base" in parent:
         raise SpecError(base_path, "base", "no `base:` in a base file (one level only)", parent["base"])
     return _deep_merge(parent, raw)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise SpecError(path, "", "an existing experiment file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark else ""
-        raise SpecError(path, "", f"valid YAML{line}: {getattr(err, 'problem', err)}") from None
+def read_yaml(path: Path) -> dict[str, Any]:
+    """An experiment file's keys, read by the hardened loader (`parse_yaml`)."""
+    raw = parse_yaml(_read_text(path), path)
     if not isinstance(raw, dict):
         raise SpecError(path, "", "a mapping of keys at the top level", raw)
     return raw
@@ -395,13 +375,19 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise SpecError(None, item, "an override of the form dotted.key=value", item)
+    parts = key.split(".")
+    if not all(part.strip() for part in parts) or len(parts) > MAX_DEPTH:
+        raise SpecError(None, key, f"a dotted key of at most {MAX_DEPTH} non-empty names (e.g. optim.lr)", key)
+    if len(text.encode()) > MAX_FILE_BYTES:
+        raise SpecError(None, key, f"a value of at most {MAX_FILE_BYTES // 1024} KiB", Shown(f"{len(text)} characters"))
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text, None, tuple(parts))
     except yaml.YAMLError:
         value = text
-    return key.strip(), value
+    return key, value
 
 
 def with_overrides(raw: dict[str, Any], overrides: dict[str, Any], path: str | Path | None = None) -> dict[str, Any]:
@@ -423,6 +409,130 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any, path: str | Path | Non
     node[parts[-1]] = value
 
 
+# ---------------------------------------------------------------------------------------------- reading YAML
+
+
+# Experiment files are a few KiB (the largest shipped one is under 4 KiB); PyYAML's pure-Python loader reads about
+# 64 KiB a second at worst (a flow list of small numbers), so a larger file or --set value is refused, not parsed.
+MAX_FILE_BYTES = 64 * 1024
+MAX_DEPTH = 32  # levels of nesting; the deepest real block (a DeepSpeed config in `resources`) uses about 6
+YAML_TAGS = {f"tag:yaml.org,2002:{kind}" for kind in ("null", "bool", "int", "float", "str", "timestamp", "seq", "map")}
+
+
+def _read_text(path: Path) -> str:
+    """The file's text: at most MAX_FILE_BYTES (checked before reading it all), UTF-8."""
+    found = _kind(path)
+    if found != "a file":
+        raise SpecError(path, "", "an existing experiment file", Shown(found))
+    try:
+        with path.open("rb") as stream:
+            data = stream.read(MAX_FILE_BYTES + 1)
+    except OSError as err:
+        raise SpecError(path, "", "a readable experiment file", Shown(err.strerror or str(err))) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise SpecError(path, "", f"an experiment file of at most {MAX_FILE_BYTES // 1024} KiB",
+                        Shown(f"{path.stat().st_size} bytes"))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SpecError(path, "", "UTF-8 text", Shown(f"byte 0x{data[err.start]:02x} on line {line}")) from None
+
+
+def _kind(path: Path) -> str:
+    try:
+        return ("a file" if path.is_file() else "a directory" if path.is_dir() else
+                "something else" if path.exists() else "nothing")
+    except (OSError, ValueError) as err:  # a name too long, a NUL character
+        return f"a path this system cannot look up ({getattr(err, 'strerror', None) or err})"
+
+
+def parse_yaml(text: str, file: str | Path | None, prefix: tuple[str, ...] = ()) -> Any:
+    """YAML read by `_ExperimentLoader`; syntax errors name the line (a SpecError), unless `file` is None (an
+    override's value: yaml.YAMLError, and the value is taken as a string)."""
+    try:
+        loader = _ExperimentLoader(text, file, prefix)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as err:
+        if file is None:
+            raise
+        raise SpecError(file, "", f"valid YAML (line {_error_line(err, text)}): {_problem(err)}") from None
+
+
+def _error_line(err: yaml.YAMLError, text: str) -> int:
+    if isinstance(err, yaml.reader.ReaderError):
+        return text.count("\n", 0, err.position) + 1
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    return mark.line + 1 if mark else 1
+
+
+def _problem(err: yaml.YAMLError) -> str:
+    if isinstance(err, yaml.reader.ReaderError):
+        return f"{err.reason}, found character #x{err.character:04x}"
+    return str(getattr(err, "problem", None) or err)
+
+
+class _ExperimentLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter, for experiment files and `--set` values: each key once per mapping, plain
+    scalar keys, no aliases (no experiment uses them, and they make "billion laughs" files possible), only the
+    standard tags (no !!binary, !!python/..., !custom), at most MAX_DEPTH levels, every scalar a valid value of its
+    type. Each refusal is a SpecError naming the dotted key and the line."""
+
+    def __init__(self, text: str, file: str | Path | None, prefix: tuple[str, ...]):
+        super().__init__(text)
+        self.file, self.keys = file, list(prefix)
+        self.seen: dict[int, dict[Any, int]] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if isinstance(parent, yaml.MappingNode) and index is not None:
+            self._check_once(parent, index)
+        self.keys.append(index.value if isinstance(index, yaml.ScalarNode) else index)
+        try:
+            line = self._check_event(self.peek_event())
+            node = super().compose_node(parent, index)
+            if isinstance(parent, yaml.MappingNode) and index is None and not isinstance(node, yaml.ScalarNode):
+                self._refuse("plain keys (a name, not a list or mapping)", f"a complex key on line {line}")
+            if isinstance(node, yaml.ScalarNode):
+                self._check_value(node)
+            return node
+        finally:
+            self.keys.pop()
+
+    def _check_event(self, event: yaml.Event) -> int:
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            self._refuse("no YAML aliases (*name) in an experiment file", f"alias *{event.anchor} on line {line}")
+        if getattr(event, "tag", None) not in (None, "!", *YAML_TAGS):
+            tag = event.tag.replace("tag:yaml.org,2002:", "!!")
+            self._refuse("plain values (no YAML tags but the standard ones)", f"tag {tag} on line {line}")
+        if len(self.keys) > MAX_DEPTH:
+            self._refuse(f"at most {MAX_DEPTH} levels of nesting", f"deeper nesting on line {line}")
+        return line
+
+    def _check_once(self, mapping: yaml.MappingNode, key: yaml.ScalarNode) -> None:
+        seen = self.seen.setdefault(id(mapping), {})
+        value = self.construct_object(key)
+        if value in seen:
+            self.keys.append(key.value)
+            self._refuse("each key once in a mapping", f"it on line {seen[value]} and line {key.start_mark.line + 1}")
+        seen[value] = key.start_mark.line + 1
+
+    def _check_value(self, node: yaml.ScalarNode) -> None:
+        try:
+            self.construct_object(node)
+        except (ValueError, OverflowError, yaml.YAMLError) as err:
+            kind = node.tag.replace("tag:yaml.org,2002:", "")
+            problem = _problem(err) if isinstance(err, yaml.YAMLError) else str(err).partition(":")[0]
+            self._refuse(f"a valid {kind} value", f"{node.value[:40]!r} on line {node.start_mark.line + 1} ({problem})")
+
+    def _refuse(self, expected: str, found: str) -> None:
+        key = ".".join(str(k) for k in self.keys if k is not None)
+        raise SpecError(self.file, key, expected, Shown(found))
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 
@@ -437,10 +547,13 @@ def _spec_error(err: ValidationError, raw: dict[str, Any], path: str | Path | No
     if first["type"] == "missing":
         return SpecError(path, key, "this required key to be set", Shown("nothing"))
     message = first["msg"]
+    if first["type"] == "int_parsing_size":
+        return SpecError(path, key, "an integer of at most 19 digits", first.get("input"))
     if message.startswith("Value error, "):
         return SpecError(path, key, message.removeprefix("Value error, "), first.get("input"))
-    expected = re.sub(r"^Input should (be )?", "", message)
-    return SpecError(path, key, expected, first.get("input"))
+    if not message.startswith("Input should"):
+        return SpecError(path, key, f"a valid value ({message[0].lower()}{message[1:]})", first.get("input"))
+    return SpecError(path, key, re.sub(r"^Input should (be )?", "", message), first.get("input"))
 
 
 def _allowed_keys(loc: list[str]) -> list[str]:
@@ -468,6 +581,7 @@ def method_config(config_cls: type, values: dict[str, Any], path: str | Path | N
             coerced[key] = TypeAdapter(hints[key]).validate_python(value)
         except ValidationError as err:
             raise SpecError(path, f"config.{key}", re.sub(r"^Input should (be )?", "", err.errors()[0]["msg"]), value) from None
+        _check_values(coerced[key], path, f"config.{key}")
     return dataclasses.replace(config_cls(), **coerced)
 
 

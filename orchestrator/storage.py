@@ -1,7 +1,8 @@
 """A run's directory under `storage_path`: local disk, NFS, or any pyarrow filesystem URI (s3://, gs://, hdfs://).
 
-Ray Train keeps checkpoints and run state there; the orchestrator adds two small files: `experiment.yaml` (the
-recipe being run, compared on resume) and `mlflow_run.json` (the MLflow run it continues).
+Ray Train keeps checkpoints and run state there; the orchestrator adds three small files: `experiment.yaml` (the
+recipe being run, compared on resume), `mlflow_run.json` (the MLflow run it continues) and, while a driver runs
+it, `orchestrator.lock` (orchestrator/run_lock.py).
 """
 
 from __future__ import annotations

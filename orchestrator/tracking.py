@@ -14,8 +14,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from orchestrator.storage import RunDir
 
@@ -23,6 +27,20 @@ SECRET_KEY = re.compile(r"(api[_-]?key|access[_-]?key|private[_-]?key|token|secr
                         re.IGNORECASE)
 URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # scheme://user:password@host
 REDACTED = "***"
+# Values that are credentials whatever their key, also inside longer strings. A `body` must look random (a digit,
+# or upper and lower case letters), so that words such as "sk-learn-compatible-models" stay.
+CREDENTIALS = [re.compile(r"(?<![A-Za-z0-9])" + pattern) for pattern in (
+    r"sk-(?P<body>[A-Za-z0-9_-]{16,})",  # OpenAI: sk-..., sk-proj-...
+    r"hf_(?P<body>[A-Za-z0-9]{16,})",  # Hugging Face
+    r"gh[pousr]_(?P<body>[A-Za-z0-9]{16,})",  # GitHub: ghp_, gho_, ghu_, ghs_, ghr_
+    r"github_pat_(?P<body>[A-Za-z0-9_]{16,})",
+    r"glpat-(?P<body>[A-Za-z0-9_-]{16,})",  # GitLab
+    r"xox[a-z]-(?P<body>[A-Za-z0-9-]{16,})",  # Slack: xoxb-, xoxp-, xoxa-, xoxs-, ...
+    r"(?<=[Bb]earer )(?P<body>[A-Za-z0-9._~+/=-]{16,})",  # an HTTP Authorization header's token
+    r"(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])",  # AWS access key ids
+    r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*",  # JWT: header.payload.signature
+)]
+MIN_ENV_SECRET = 8  # shorter values of secret-named environment variables are not looked for
 
 
 def resolve_tracking_uri(from_file: str | None) -> str:
@@ -41,26 +59,73 @@ def display_uri(uri: str) -> str:
     return re.sub(r"//[^/@]+@", "//", uri)
 
 
-def redact(tree: Any) -> Any:
-    """A copy of a nested dict/list with the value of every key that looks like a secret replaced by ***, and the
-    credentials of URIs in strings (scheme://user:password@host) too. Keys are matched loosely (`max_tokens` is
-    hidden as well): showing a secret costs more than hiding a number."""
+def redact(tree: Any, also: Iterable[str] = ()) -> Any:
+    """A copy of a nested dict/list with the value of every key that looks like a secret replaced by ***, and in
+    every string what `redact_text` hides. Keys are matched loosely (`max_tokens` is hidden as well): showing a
+    secret costs more than hiding a number."""
+    return _redact(tree, _hidden(also))
+
+
+def redact_text(text: str, also: Iterable[str] = ()) -> str:
+    """`text` with credentials replaced by ***: URI passwords (scheme://user:password@host), token-shaped values
+    (CREDENTIALS), the values of secret-named environment variables (OPENAI_API_KEY, HF_TOKEN, ...) and the values
+    in `also` (those of MIN_ENV_SECRET characters or more)."""
+    return _redact_text(text, _hidden(also))
+
+
+def redact_yaml(text: str) -> str:
+    """A YAML file's text with secrets hidden as `redact` hides them, the comment lines that open it kept."""
+    header = "".join(f"{line}\n" for line in takewhile(lambda line: line.startswith("#"), text.splitlines()))
+    return redact_text(header) + yaml.safe_dump(redact(yaml.safe_load(text)), sort_keys=False)
+
+
+def secret_env_values() -> set[str]:
+    """The values of environment variables named like secrets, of MIN_ENV_SECRET characters or more, without
+    whitespace, and not naming an existing file (XAUTHORITY, SSH_AUTH_SOCK)."""
+    return {value for name, value in os.environ.items() if SECRET_KEY.search(name) and len(value) >= MIN_ENV_SECRET
+            and not any(c.isspace() for c in value) and not os.path.exists(value)}
+
+
+def _hidden(also: Iterable[str]) -> list[str]:
+    return sorted(secret_env_values() | {v for v in also if len(v) >= MIN_ENV_SECRET}, key=len, reverse=True)
+
+
+def _redact(tree: Any, hidden: list[str]) -> Any:
     if isinstance(tree, dict):
-        return {k: REDACTED if SECRET_KEY.search(str(k)) and v else redact(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [redact(v) for v in tree]
+        return {k: REDACTED if SECRET_KEY.search(str(k)) and v else _redact(v, hidden) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_redact(v, hidden) for v in tree]
     if isinstance(tree, str):
-        return URI_CREDENTIALS.sub(f"{REDACTED}@", tree)
+        return _redact_text(tree, hidden)
     return tree
+
+
+def _redact_text(text: str, hidden: list[str]) -> str:
+    for value in hidden:
+        text = text.replace(value, REDACTED)
+    text = URI_CREDENTIALS.sub(f"{REDACTED}@", text)
+    for pattern in CREDENTIALS:
+        text = pattern.sub(_hide_credential, text)
+    return text
+
+
+def _hide_credential(match: re.Match[str]) -> str:
+    body = match.groupdict().get("body")
+    random_looking = body is None or any(c.isdigit() for c in body) or (body.lower() != body != body.upper())
+    return REDACTED if random_looking else match.group(0)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}, with secrets replaced by ***."""
+    return _flatten(redact(tree), prefix)
+
+
+def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
-    for key, value in redact(tree).items():
+    for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(flatten(value, dotted + "."))
+            flat.update(_flatten(value, dotted + "."))
         else:
             flat[dotted] = value
     return flat
@@ -95,7 +160,8 @@ class Tracker:
             run_id = json.loads(remembered)["run_id"]
             self.client.update_run(run_id, status="RUNNING")
             return run_id, True
-        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name or run_dir.path.rsplit("/", 1)[-1], tags=tags)
+        run = self.client.create_run(self.experiment_id(experiment), tags=redact(tags),
+                                     run_name=redact_text(run_name or run_dir.path.rsplit("/", 1)[-1]))
         run_dir.write("mlflow_run.json", json.dumps({"run_id": run.info.run_id, "tracking_uri": display_uri(self.uri)}))
         return run.info.run_id, False
 
@@ -116,12 +182,12 @@ class Tracker:
         from mlflow.entities import Param
 
         existing = self.client.get_run(run_id).data.params
-        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        new = [Param(k, str(v)[:6000]) for k, v in redact(params).items() if k not in existing]
         for i in range(0, len(new), 100):
             self.client.log_batch(run_id, params=new[i : i + 100])
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
-        self.client.log_text(run_id, text, name)
+        self.client.log_text(run_id, redact_text(text), name)
 
     def log_dict(self, run_id: str, obj: Any, name: str) -> None:
         self.client.log_dict(run_id, obj, name)
@@ -177,7 +243,7 @@ class MetricLogger:
         self.client.log_dict(self.run_id, obj, name)
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self.client.set_tag(self.run_id, key, redact_text(value))
 
     def log_bytes(self, data: bytes, name: str) -> None:
         """`data` as the artifact `name` (it may name a folder: "generated/samples.png")."""

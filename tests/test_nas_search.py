@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator import preflight
 from orchestrator import spec as spec_mod
 from orchestrator.nas_search import (
     NSGA2,
@@ -89,7 +90,7 @@ def test_lookup_matches_the_file(entries: dict) -> None:
 
 def load_for_running(path: Path) -> None:
     """What `orchestrator search` checks before Ray starts: the file, then this machine's files."""
-    spec_mod.preflight(spec_mod.load(path), path)
+    preflight.check_inputs(preflight.load(path), path)
 
 
 def _experiment(tmp_path: Path, **changes: object) -> Path:

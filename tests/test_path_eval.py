@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import trainers
-from orchestrator import references
+from orchestrator import preflight, references
 from orchestrator import spec as spec_mod
 from orchestrator.data import build_data
 from orchestrator.method_run import MethodContext, run_method
@@ -89,7 +89,7 @@ def test_a_retraining_file_takes_the_winner_of_a_finished_search(tmp_path: Path)
     resolved = references.resolve(spec, RETRAIN)
     assert resolved.config["arch"] == "macro_digits:2120"
     assert resolved.tracking.tags["source.config.arch"] == resolved.tracking.tags["mlflow.parentRunId"] == "abc123"
-    spec_mod.preflight(resolved, RETRAIN)  # supervised accepts the resolved architecture
+    preflight.check_inputs(resolved, RETRAIN)  # supervised accepts the resolved architecture
 
 
 def test_a_run_method_without_data_says_it_needs_a_data_block(tmp_path: Path) -> None:

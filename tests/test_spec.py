@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import preflight
 from orchestrator import spec as spec_mod
 from orchestrator.cli import main
 from orchestrator.spec import SpecError
@@ -36,7 +37,7 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").rglob("*.yaml")))
 def test_every_shipped_experiment_is_valid(path: str) -> None:
-    spec = spec_mod.load(REPO / path)
+    spec = preflight.load(REPO / path)
     cfg = spec.method_config()
     if isinstance(getattr(cfg, "arch", None), str) and not cfg.arch.startswith("best:"):  # a search's winner
         check_arch(cfg.arch)

@@ -82,6 +82,8 @@ def test_a_killed_sweep_resumes_without_duplicating_trials(asha_sweep) -> None:
         history = client.get_metric_history(child.info.run_id, "eval/acc")
         steps = [m.step for m in history]
         assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+        hp_steps = [m.step for m in client.get_metric_history(child.info.run_id, "hp/optim.lr")]
+        assert len(hp_steps) == len(set(hp_steps)), f"hp/optim.lr logged twice at a step: {hp_steps}"
 
 
 def test_asha_stops_the_weak_trials_early(asha_sweep) -> None:

@@ -11,8 +11,8 @@ import yaml
 from ray import tune as ray_tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, PopulationBasedTraining
 
+from orchestrator import preflight, tune
 from orchestrator import spec as spec_mod
-from orchestrator import tune
 from orchestrator.cli import main
 from orchestrator.optim import build_optimizer, build_scheduler, load_training_state
 from orchestrator.search_space import Distribution, parse_space
@@ -37,7 +37,7 @@ def sweep_file(tmp_path: Path, **tune_block) -> Path:
 
 def load_error(path: Path, *overrides: str) -> SpecError:
     with pytest.raises(SpecError) as caught:
-        spec_mod.load(path, list(overrides))
+        preflight.load(path, list(overrides))
     return caught.value
 
 

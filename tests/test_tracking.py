@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,120 @@ def test_searcher_keys_tokens_and_uri_passwords_are_logged_as_stars(mlflow_uri: 
     assert all("api_key: '***'" in text for text in texts)
     everything = repr(run.data.params) + repr(run.data.tags) + "".join(texts)
     assert not any(f"secret-{i}" in everything for i in (1, 2, 3))
+
+
+# Fake credentials of each shape, written in two parts so that no secret scanner takes this file for a leak.
+CREDENTIALS = {
+    "openai": "sk-" + "abcdefghij0123456789ABCDEFGH",
+    "openai project": "sk-" + "proj-Ab3_cD4-eF5gH6iJ7kL8mN9",
+    "hugging face": "hf" + "_AbCdEfGhIjKlMnOpQrStUvWxYz",
+    "github": "gh" + "p_0123456789abcdefghijABCDEFGHIJ",
+    "github oauth": "gh" + "o_0123456789abcdefghijABCDEF",
+    "github fine-grained": "github" + "_pat_11ABCDEFG0123456789_abcdefghijklmnop",
+    "gitlab": "gl" + "pat-aB3dE6gH9jK2mN5pQ8sT",
+    "slack bot": "xo" + "xb-123456789012-abcdefABCDEF",
+    "slack user": "xo" + "xp-123456789012-abcdefABCDEF",
+    "aws key id": "AK" + "IAIOSFODNN7EXAMPLE",
+    "aws session key id": "AS" + "IAY34FZKBOKMUTVV7A",
+    "jwt": "ey" + "JhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+}
+
+
+@pytest.mark.parametrize("kind", CREDENTIALS)
+def test_credentials_are_redacted_by_their_shape_alone_or_inside_text(kind: str) -> None:
+    token = CREDENTIALS[kind]
+    assert tracking.redact_text(token) == "***"
+    assert tracking.redact({"note": f"my key {token} here", "list": [token]}) == {"note": "my key *** here",
+                                                                                  "list": ["***"]}
+
+
+def test_bearer_tokens_and_uri_passwords_are_redacted() -> None:
+    assert tracking.redact_text("Authorization: Bearer abc.DEF-123_456~789/xyz=") == "Authorization: Bearer ***"
+    assert tracking.redact_text("s3://key:pass@host/bucket") == "s3://***@host/bucket"
+
+
+@pytest.mark.parametrize("value", ["sketch-model", "hf", "skip-connections", "sk-learn-compatible-models",
+                                   "hf_transformers_cache", "ghost_bottleneck_v2", "xoxo-goodbye", "0.001",
+                                   "/data/imagenet/train-00001-of-01024", "Bearer of bad news everywhere",
+                                   "AKIA1234", "eyJ.notajwt", "resnet50_sk-attention", "s3://bucket/runs/exp-1"])
+def test_ordinary_values_are_kept(value: str) -> None:
+    assert tracking.redact_text(value) == value
+    assert tracking.redact({"optim": {"lr": 3e-4, "name": value}}) == {"optim": {"lr": 3e-4, "name": value}}
+
+
+def test_values_of_secret_named_environment_variables_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAB_API_KEY", "plainvalue-of-the-lab")  # no token shape: known only from the environment
+    monkeypatch.setenv("HF_TOKEN", "short")  # too short to look for
+    monkeypatch.setenv("LAB_NOTE", "notasecretvalue")  # not named like a secret
+    tree = {"a": "plainvalue-of-the-lab", "b": "url?k=plainvalue-of-the-lab&x=1", "c": "short", "d": "notasecretvalue"}
+    assert tracking.redact(tree) == {"a": "***", "b": "url?k=***&x=1", "c": "short", "d": "notasecretvalue"}
+    assert tracking.redact_text("say plainvalue-of-the-lab and a-key-given-here", ["a-key-given-here", "tiny"]) == \
+        "say *** and ***"
+
+
+SECRET_TAGS = {"openai_key": CREDENTIALS["openai project"], "hf": CREDENTIALS["hugging face"],
+               "note": f"my key {CREDENTIALS['openai']} here", "env": "envsecret-abc-42", "team": "vision"}
+
+
+def _secrets_in(texts: list[str]) -> list[str]:
+    secrets = [CREDENTIALS["openai project"], CREDENTIALS["hugging face"], CREDENTIALS["openai"], "envsecret-abc-42"]
+    return [secret for secret in secrets if any(secret in text for text in texts)]
+
+
+def _store_texts(tmp_path: Path) -> list[str]:
+    """Every byte the MLflow store (database and artifacts) and the run directories hold, as text."""
+    return [path.read_bytes().decode("latin-1") for path in tmp_path.rglob("*") if path.is_file()]
+
+
+def test_secret_values_reach_no_writer_of_a_run(mlflow_uri: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tags with secret-looking values through the driver's writers (no Ray): MLflow params, tags, run name,
+    experiment.yaml in MLflow and in the run directory."""
+    from orchestrator import spec as spec_mod
+    from orchestrator.launch import check_same_experiment, open_mlflow_run
+
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "envsecret-abc-42")
+    quickstart = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+    spec = spec_mod.load(quickstart, [f"tracking.tags={SECRET_TAGS}", f"storage_path={tmp_path / 'runs'}"])
+    run_dir = RunDir(spec.storage_path, spec.name)
+    check_same_experiment(spec, run_dir)
+    tracker = tracking.Tracker(mlflow_uri)
+    run_id, _ = open_mlflow_run(tracker, spec, run_dir, str(quickstart))
+    run = tracker.client.get_run(run_id)
+    assert run.data.tags["openai_key"] == run.data.tags["hf"] == "***" and run.data.tags["team"] == "vision"
+    assert run.data.tags["note"] == "my key *** here" and run.data.params["tracking.tags.env"] == "***"
+    logged = Path(tracker.client.download_artifacts(run_id, "experiment.yaml", str(tmp_path / "download")))
+    texts = [repr(run.data.params), repr(run.data.tags), run.info.run_name, logged.read_text(), *_store_texts(tmp_path)]
+    assert "team: vision" in run_dir.read("experiment.yaml") and _secrets_in(texts) == []
+    assert "vision" in (tmp_path / "mlflow.db").read_bytes().decode("latin-1")  # the store is read as it is
+
+
+def test_secret_values_reach_no_writer_of_a_sweep(mlflow_uri: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's parent run, a child run opened as a trial opens it, its name and its `tune.overrides` tag."""
+    from orchestrator import spec as spec_mod
+    from orchestrator import tune
+
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "envsecret-abc-42")
+    sweep_file = Path(__file__).resolve().parents[1] / "experiments" / "supervised" / "digits_sweep.yaml"
+    spec = spec_mod.load(sweep_file, [f"tracking.tags={SECRET_TAGS}", f"storage_path={tmp_path / 'runs'}"])
+    tracker = tracking.Tracker(mlflow_uri)
+    parent_id, _ = tune._open_parent_run(tracker, spec, RunDir(spec.storage_path, spec.name), str(sweep_file))
+    config = {"optim.lr": 0.1, "tracking.tags.note": CREDENTIALS["openai"], "tracking.tags.env": "envsecret-abc-42"}
+    child = tune.trial_spec(spec, config)
+    child_id, _ = tune.open_mlflow_run(tracker, child, RunDir(f"{spec.storage_path}/{spec.name}/runs", "t0"),
+                                       str(sweep_file), run_name=tune._child_name("t0", config),
+                                       extra_tags={"mlflow.parentRunId": parent_id})
+    tune._log_start(tracker, child_id, "t0", config, tune.StartPoint(None, "fresh", None, 0))
+    runs = [tracker.client.get_run(run_id) for run_id in (parent_id, child_id)]
+    assert runs[1].info.run_name == "t0 lr=0.1 note=*** env=***"
+    assert json.loads(runs[1].data.tags["tune.overrides"])["tracking.tags.note"] == "***"
+    texts = [repr(r.data.params) + repr(r.data.tags) + r.info.run_name for r in runs] + _store_texts(tmp_path)
+    assert _secrets_in(texts) == []
+
+
+def test_an_experiment_file_logged_as_text_keeps_its_header_and_hides_its_secrets() -> None:
+    text = (f"# planned from lm.yaml\n# 2 lines\nname: x\nsearcher: {{api_key: k-1}}\n"
+            f"tags: {{note: {CREDENTIALS['github']}}}\n")
+    assert tracking.redact_yaml(text) == ("# planned from lm.yaml\n# 2 lines\nname: x\nsearcher:\n  api_key: '***'\n"
+                                          "tags:\n  note: '***'\n")

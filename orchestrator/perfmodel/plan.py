@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from orchestrator import preflight
 from orchestrator import spec as spec_mod
 from orchestrator.compare import write_tables
 from orchestrator.perfmodel.compose import run_summary, step_time
@@ -141,7 +142,7 @@ def override(spec_file: str, overrides: list[str], row: dict[str, Any]) -> str:
               "resources.workers": row["dp"], "resources.deepspeed": None if zero == "ddp" else {"zero_stage": zero}}
     raw = spec_mod.load_raw(spec_file, overrides)
     raw = spec_mod.with_overrides(raw, {"name": f"{raw['name']}-planned", **layout}, spec_file)
-    spec_mod.validate(raw, spec_file)
+    preflight.validate(raw, spec_file)
     header = (f"# Written by `orchestrator plan` from {spec_file}: the fastest layout the orchestrator can run, "
               f"predicted {row['step_s']:.3f} s/step,\n# {row['tokens_per_s']:.0f} tokens/s, {row['memory_gib']:.1f} GiB "
               f"per device, {row['run_hours']:.1f} h for the run ({row['device_hours']:.0f} device-hours).\n")
@@ -177,7 +178,7 @@ def log_to_mlflow(tracking_uri: str, spec: ExperimentSpec, spec_file: str, hardw
                   rows: list[dict[str, Any]], files: dict[str, Path], seconds: float) -> str:
     """One MLflow run in the experiment `plan`, named after the experiment: parameters, the best layouts' numbers
     as metrics, the table and the override as artifacts. Returns the run id."""
-    from orchestrator.tracking import Tracker
+    from orchestrator.tracking import Tracker, redact_yaml
 
     tracker = Tracker(tracking_uri)
     client = tracker.client
@@ -192,6 +193,9 @@ def log_to_mlflow(tracking_uri: str, spec: ExperimentSpec, spec_file: str, hardw
             client.log_metric(run_id, f"{prefix}/{key}", float(row[key]))
     client.log_metric(run_id, "plan_seconds", seconds)
     for path in files.values():
-        client.log_artifact(run_id, str(path))
+        if path.suffix == ".yaml":  # the override, a whole experiment file: its secrets stay out of MLflow
+            client.log_text(run_id, redact_yaml(path.read_text()), path.name)
+        else:
+            client.log_artifact(run_id, str(path))
     client.set_terminated(run_id)
     return run_id
