@@ -9,8 +9,8 @@ A checkpoint directory holds
 
 A DeepSpeed checkpoint holds DeepSpeed's own files (every rank writes its shards) instead of model.pt and
 train_state.pt. Under Ray Train every rank writes into its own directory and Ray merges them into one, so each rank
-lists only its own files. The files this module writes are hashed as they are written (torch.save writes each byte
-once, in order); files written by others (DeepSpeed's) are read back once to hash them. sha256: with the CPU's SHA
+lists only its own files. Every file is hashed right after it is written, read back from the page cache (faster
+than hashing inside torch.save's stream; DeepSpeed's files are hashed the same way). sha256: with the CPU's SHA
 extensions it hashes faster than blake2b (benchmarks/results/checkpoint_hash.md).
 
 Every file is written to a temporary name and renamed. `verify` checks every rank's files against their manifests
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -168,7 +167,7 @@ def safe_load(source: Path | IO[bytes], name: str | None = None) -> Any:
 def save_rank_manifest(directory: Path, rank: int, world: int, step: int,
                        written: dict[str, Any] | None = None) -> None:
     """After a rank has written its files (any layout, e.g. DeepSpeed's): list each with its size and sha256
-    (`written`: entries hashed while writing; other files are read back to hash them). Rank 0 then writes
+    (`written`: entries hashed when this module wrote them; other files are read back to hash them). Rank 0 then writes
     manifest.json: the step and the number of ranks whose manifests a complete checkpoint has."""
     written = written or {}
     files = {name: written.get(name) or _entry(directory / name) for name in _rank_files(directory)}
@@ -251,32 +250,16 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def _atomic_save(obj: Any, path: Path) -> dict[str, Any]:
-    """torch.save through a hashing stream; returns the file's manifest entry."""
+    """torch.save to a temporary name, hashed, then renamed; returns the file's manifest entry. Saved through a
+    Python file, so a full disk raises OSError(ENOSPC) (torch.save to a path raises a RuntimeError without errno);
+    hashed by reading the file back from the page cache, which measured faster than hashing inside a stream that
+    torch.save writes through (200 MB: 0.41-0.51 s against 0.91-0.99 s)."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as file:
-        stream = _HashingWriter(file)
-        torch.save(obj, stream)
+        torch.save(obj, file)
+    entry = _entry(tmp)
     os.replace(tmp, path)
-    return {"size": stream.size, HASH: stream.digest.hexdigest()}
-
-
-class _HashingWriter(io.RawIOBase):
-    """Passes writes on to `file` and hashes them: torch.save writes each byte once, in order, so this is the
-    file's hash without reading it back."""
-
-    def __init__(self, file: IO[bytes]):
-        super().__init__()
-        self.file, self.digest, self.size = file, hashlib.new(HASH), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self.file.write(view)
-        self.digest.update(view)
-        self.size += view.nbytes
-        return view.nbytes
+    return entry
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

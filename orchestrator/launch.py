@@ -90,9 +90,10 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
     loop_config = {"spec_yaml": spec_mod.to_yaml(spec), "tracking_uri": tracker.uri, "run_id": run_id, "board": board}
     watcher.start()
     result, reevaluation = None, None
+    reevaluating = run_dir.read(RESULT) is not None
     try:
         result = torch_trainer(spec, loop_config).fit()
-        reevaluation = ray.get(board.read.remote(), timeout=30).get("reevaluation")
+        reevaluation = _reevaluation(board) if reevaluating else None
     except Exception as err:
         _record_write_failure(tracker, run_id, spec, err)
         raise
@@ -134,6 +135,18 @@ def find_error(error: BaseException, kind: type[BaseException]) -> Any:
         pending += [getattr(current, "controller_failure", None), current.__cause__, current.__context__,
                     *getattr(current, "worker_failures", {}).values()]
     return None
+
+
+def _reevaluation(board: Any) -> dict[str, float] | None:
+    """The metrics rank 0 posted when it evaluated a finished run again, or None when its board is gone (with the
+    node it ran on)."""
+    import ray
+
+    try:
+        return ray.get(board.read.remote(), timeout=30).get("reevaluation")
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        log.warning("the re-evaluation's metrics were lost with the progress board: see the workers' log")
+        return None
 
 
 def record_finished(run_dir: RunDir, outcome: RunOutcome) -> None:

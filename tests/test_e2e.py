@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import registered
@@ -211,6 +212,13 @@ def test_workers_the_cluster_cannot_place_stop_naming_what_it_has(ray_cluster, m
     err = capsys.readouterr().err
     assert "64 worker(s) x {CPU: 1} = {CPU: 64}" in err and "the cluster has {CPU: 4} on 1 node(s)" in err
     assert time.monotonic() - started < 30
+    sweep_file = tmp_path / "too-big-sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "base": str(QUICKSTART), "name": "too-big-sweep", "storage_path": str(tmp_path),
+        "tune": {"metric": "eval/acc", "mode": "max", "resources": {"workers": 64},
+                 "space": {"optim.lr": {"choice": [0.1, 0.05]}}}}))
+    assert main(["sweep", str(sweep_file)]) == 2
+    assert "each trial of sweep too-big-sweep asks for 64 worker(s)" in capsys.readouterr().err
 
     holder = placement_group([{"CPU": 3}])  # another run holds 3 of the session's 4 CPUs
     ray.get(holder.ready(), timeout=60)
