@@ -37,9 +37,9 @@ from orchestrator import checkpoint as ckpt_io
 from orchestrator import spec as spec_mod
 from orchestrator.divergence import LossGuard, NonFiniteLossError, local_weights, no_retry_callback
 from orchestrator.optim import base_lr, build_optimizer, build_scheduler, default_param_groups, load_training_state
-from orchestrator.run_checkpoints import RunCheckpoints, fallback_message, filesystem, forget_missing
+from orchestrator.run_checkpoints import RunCheckpoints, fallback_message, forget_missing
 from orchestrator.spec import ExperimentSpec, Shown, SpecError
-from orchestrator.storage import RunDir, absolute
+from orchestrator.storage import RunDir, absolute, filesystem
 
 log = logging.getLogger("orchestrator")
 
@@ -157,7 +157,7 @@ def record_finished(run_dir: RunDir, outcome: RunOutcome) -> None:
 
 def finished_outcome(spec: ExperimentSpec) -> tuple[RunOutcome, float] | None:
     """The stored outcome of `spec`'s run and when it finished, or None while the run has not finished."""
-    stored = RunDir(absolute(spec.storage_path), spec.name).read(RESULT)
+    stored = RunDir(spec.storage_path, spec.name).read(RESULT)
     if stored is None:
         return None
     fields = json.loads(stored)
@@ -188,15 +188,21 @@ def worker_resources(resources: spec_mod.ResourcesSpec) -> dict[str, float]:
     return per_worker
 
 
+def placement_request(spec: ExperimentSpec) -> tuple[dict[str, float], int]:
+    """(one worker's resources, how many must be placed at once): a Ray Train run's workers all together, a run
+    method's tasks one at a time (they queue)."""
+    together = spec.resources.workers if spec.trainer.run is None else 1
+    return worker_resources(spec.resources), together
+
+
 def wait_for_workers(spec: ExperimentSpec) -> None:
-    """Until the cluster can place the run's workers (a run method's tasks queue, so one at a time suffices), at
-    most resources.placement_timeout_s; PlacementError names what was asked for and what the cluster has."""
+    """Until the cluster can place the run's workers, at most resources.placement_timeout_s; PlacementError names
+    what was asked for and what the cluster has."""
     from orchestrator.placement import wait_for_placement
 
     resources = spec.resources
-    together = resources.workers if spec.trainer.run is None else 1
-    wait_for_placement(worker_resources(resources), together, resources.placement_strategy,
-                       resources.placement_timeout_s, f"run {spec.name}")
+    wait_for_placement(*placement_request(spec), resources.placement_strategy, resources.placement_timeout_s,
+                       f"run {spec.name}")
 
 
 def prepare_data_on_driver(spec: ExperimentSpec) -> None:

@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import trainers
 from orchestrator import spec as spec_mod
 from orchestrator.spec import DataSpec, ExperimentSpec, Shown, SpecError
-from orchestrator.storage import RunDir, absolute, is_uri
+from orchestrator.storage import RunDir, absolute, filesystem, is_uri
 from orchestrator.tracking import display_uri, resolve_tracking_uri
 
 PROBE_TIMEOUT_S = 5.0  # one request to an MLflow server, one probe file on storage: an answer or a clear error
@@ -127,11 +127,7 @@ def check_tracking(uri: str, path: str | Path | None, key: str) -> None:
 
 
 def _probe_storage(storage_path: str) -> None:
-    if is_uri(storage_path):
-        fs, root = pafs.FileSystem.from_uri(storage_path)
-    else:
-        fs, root = pafs.LocalFileSystem(), absolute(storage_path)
-    _probe(fs, root)
+    _probe(*filesystem(storage_path))
 
 
 def _probe(fs: pafs.FileSystem, directory: str) -> None:

@@ -26,16 +26,10 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from orchestrator import checkpoint as ckpt_io
-from orchestrator.storage import is_uri
+from orchestrator.storage import filesystem
 
 CHECKPOINT = re.compile(r"checkpoint_(\d+)")
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's list of the run's checkpoints
-
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
 
 
 @dataclass

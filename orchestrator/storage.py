@@ -21,12 +21,16 @@ def absolute(path: str) -> str:
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a storage path or URI, and the path within it (a local one made absolute)."""
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), absolute(path)
+
+
 class RunDir:
     def __init__(self, storage_path: str, name: str):
-        if is_uri(storage_path):
-            self.fs, root = pafs.FileSystem.from_uri(storage_path)
-        else:
-            self.fs, root = pafs.LocalFileSystem(), absolute(storage_path)
+        self.fs, root = filesystem(storage_path)
         self.path = f"{root.rstrip('/')}/{name}"
         self.display = f"{storage_path.rstrip('/')}/{name}"
 

@@ -45,7 +45,7 @@ from orchestrator import nas_search
 from orchestrator import spec as spec_mod
 from orchestrator.compare import STATUS_TAG
 from orchestrator.launch import (absolute_paths, check_same_experiment, finish_mlflow_run, open_mlflow_run,
-                                 prepare_data_on_driver, torch_trainer, worker_resources)
+                                 placement_request, prepare_data_on_driver, torch_trainer)
 from orchestrator.search_space import Distribution, check_tunable, parse_space
 from orchestrator.spec import ExperimentSpec, SpecError
 from orchestrator.storage import RunDir
@@ -319,9 +319,7 @@ def _check_trials_fit(spec: ExperimentSpec) -> None:
     """A trial whose workers the cluster can never place stops the sweep at once (PlacementError)."""
     from orchestrator.placement import check_fits
 
-    resources = trial_spec(spec, {}).resources
-    together = resources.workers if spec.trainer.run is None else 1
-    check_fits(worker_resources(resources), together, f"each trial of sweep {spec.name}")
+    check_fits(*placement_request(trial_spec(spec, {})), f"each trial of sweep {spec.name}")
 
 
 def _trial_resources(spec: ExperimentSpec) -> dict[str, float]:
