@@ -66,6 +66,7 @@ MAX_NAME = 128  # `name` names the run directory and MLflow run: room under the 
 
 DATASETS_NEEDING_ROOT = {"cifar10", "cifar100", "stl10", "imagefolder", "parquet", "jsonl", "voc", "cityscapes"}
 SEGMENTATION_DATASETS = ("voc", "cityscapes", "shapes_seg")
+NO_VALIDATION_SPLIT = (*SEGMENTATION_DATASETS, "text", "arithmetic", "jsonl")
 
 
 class DataSpec(_Strict):
@@ -77,6 +78,11 @@ class DataSpec(_Strict):
     labeled_per_class: int | None = Field(default=None, gt=0, le=MAX_BATCH)
     labeled_fraction: float | None = Field(default=None, gt=0, le=1)
     imbalance_factor: float | None = Field(default=None, ge=1)  # long tail: n_c = n_max * IF ** (-c / (C - 1))
+    # a validation split: val_per_class images of each class held out of the train set before anything else (long
+    # tail, labeled subset, generated fill), drawn from the seed; eval_on: val evaluates on them instead of the test
+    # set (choose hyperparameters with it, then report the test set once with the same val_per_class)
+    val_per_class: int | None = Field(default=None, gt=0, le=MAX_BATCH)
+    eval_on: Literal["test", "val"] = "test"
     # None: the method's views
     views: Literal["plain", "weak_strong", "weak_strong_multicrop", "two_crop", "weak_contrastive", "byol_two_crop",
                    "multi_crop", "sau", "tokens", "problems", "segmentation"] | None = None
@@ -120,12 +126,20 @@ class DataSpec(_Strict):
             raise ValueError(f"at most one of labeled_per_class, labeled_fraction, num_labeled and labeled_list, found "
                              f"{' and '.join(subsets)}")
         self._check_segmentation()
+        self._check_validation()
         if self.dataset in DATASETS_NEEDING_ROOT and not self.root:
             raise ValueError(f"a `root` directory for dataset {self.dataset!r}")
         if self.generated and (self.labeled_per_class is not None or self.labeled_fraction is not None):
             raise ValueError("`generated` images join a fully labeled training set: no labeled_per_class or "
                              "labeled_fraction with it")
         return self
+
+    def _check_validation(self) -> None:
+        if self.eval_on == "val" and self.val_per_class is None:
+            raise ValueError("eval_on: val needs a validation split: set data.val_per_class")
+        if self.val_per_class is not None and self.dataset in NO_VALIDATION_SPLIT:
+            raise ValueError(f"val_per_class: dataset {self.dataset!r} has no classes to hold out per class "
+                             f"(only the image classification datasets have a validation split)")
 
     def _check_segmentation(self) -> None:
         """The segmentation keys only with a segmentation dataset, and the classification keys that mean nothing

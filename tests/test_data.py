@@ -94,6 +94,53 @@ def test_long_tail_follows_the_formula():
     assert len(split["unlabeled_indices"]) == sum(counts)
 
 
+def test_validation_images_are_held_out_of_every_training_pool_and_evaluated_with_eval_on_val():
+    spec = DataSpec(dataset="digits", val_per_class=12, labeled_per_class=2, eval_on="val")
+    bundle = build_data(spec, seed=4, views="weak_strong")
+    split = _split(bundle)
+    val = set(split["val_indices"])
+    assert len(val) == 120 and not val & set(split["unlabeled_indices"]) and not val & set(split["labeled_indices"])
+    assert len(split["unlabeled_indices"]) == 1347 - 120
+    assert Counter(int(bundle.test[i]["y"]) for i in range(len(bundle.test))) == {c: 12 for c in range(10)}
+    on_test = build_data(spec.model_copy(update={"eval_on": "test"}), seed=4, views="weak_strong")
+    assert _split(on_test) | {"eval_on": "val"} == split and len(on_test.test) == 450
+
+
+def test_the_validation_split_depends_on_the_seed_only_and_precedes_the_long_tail():
+    def val(seed, **keys):
+        return _split(build_data(DataSpec(dataset="digits", val_per_class=5, **keys), seed, "plain"))["val_indices"]
+    assert val(0) == val(0, imbalance_factor=100) == val(0, labeled_per_class=3) != val(1)
+    split = _split(build_data(DataSpec(dataset="digits", val_per_class=5, imbalance_factor=100), 0, "plain"))
+    head = split["class_counts_train"]["0"]
+    assert head == 133 - 5 and split["class_counts_train"]["9"] == 1  # digit 0: 133 train images, all kept
+
+
+def test_the_other_draws_do_not_change_without_a_validation_split():
+    from orchestrator.data.sources import load_source
+    from orchestrator.data.splits import make_split
+    labels = load_source(DataSpec(dataset="digits")).train_labels
+    with_val = make_split(labels, 10, 0, labeled_per_class=2, val_per_class=1)
+    without = make_split(labels, 10, 0, labeled_per_class=2)
+    assert len(without.val) == 0 and len(with_val.val) == 10
+    rng = np.random.Generator(np.random.PCG64(0))  # the labeled draw is the seed's first draw
+    expected = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:2] for c in range(10)]))
+    assert np.array_equal(without.labeled, expected)
+
+
+def test_a_validation_split_that_takes_a_whole_class_names_the_key():
+    with pytest.raises(ValueError, match="data.val_per_class=133: class 0 has only 133"):
+        build_data(DataSpec(dataset="digits", val_per_class=133), seed=0, views="plain")
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"dataset": "digits", "eval_on": "val"}, "eval_on: val needs a validation split"),
+    ({"dataset": "shapes_seg", "val_per_class": 2}, "has no classes to hold out"),
+])
+def test_validation_keys_are_checked(keys, message):
+    with pytest.raises(ValueError, match=message):
+        DataSpec(**keys)
+
+
 def test_split_artifact_is_json():
     bundle = build_data(DataSpec(dataset="digits", labeled_per_class=2, imbalance_factor=5), seed=0, views="plain")
     record = json.loads(json.dumps(bundle.artifacts))["split.json"]

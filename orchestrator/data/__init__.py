@@ -1,7 +1,7 @@
 """Data for an experiment: a source, a seeded split and the train view its method needs (DESIGN.md, "Data").
 
     bundle = build_data(spec.data, seed=spec.seed, views=spec.views)
-    bundle.train, bundle.test   # torch Datasets of dict items (views.py)
+    bundle.train, bundle.test   # torch Datasets of dict items (views.py); test is the validation split with eval_on: val
     bundle.info                 # DataInfo for the trainer's build()
     bundle.artifacts            # {"split.json": {...}}: logged by the launcher
 
@@ -84,15 +84,16 @@ def build_data(spec: DataSpec, seed: int, views: str) -> DataBundle:
         labeled_per_class=spec.labeled_per_class,
         labeled_fraction=spec.labeled_fraction,
         num_extra=len(source.extra_unlabeled) if source.extra_unlabeled is not None else 0,
+        val_per_class=spec.val_per_class,
     )
     labeled, unlabeled = _pools(source, split)
     artifact = split_artifact(split, source.train_labels, source.num_classes, spec.dataset, seed, len(source.test))
+    artifact["eval_on"] = spec.eval_on
     is_syn = np.zeros(len(labeled), dtype=bool)
     if spec.generated:
         labeled, is_syn, artifact["generated"] = _with_generated(spec, source, size, labeled)
     train = _train_view(views, spec, source, size, seed, labeled, unlabeled, is_syn)
-    test_pool = Pool(source.test, np.arange(len(source.test)), source.test_labels)
-    test = PlainView(test_pool, transforms.evaluation(source, size))
+    test = PlainView(_eval_pool(spec, source, split), transforms.evaluation(source, size))
     num_train = len(labeled) if views in ("plain", "sau") or unlabeled is None else len(unlabeled)
     class_counts = np.bincount(source.train_labels[split.train], minlength=source.num_classes)
     info = DataInfo(source.num_classes, size, source.in_channels, num_train=num_train, num_labeled=len(labeled),
@@ -140,6 +141,13 @@ def build_segmentation_data(spec: DataSpec, seed: int) -> DataBundle:
 
     train, test, info, artifact = load_segmentation(spec, seed)
     return DataBundle(train, test, info, {"split.json": artifact})
+
+
+def _eval_pool(spec: DataSpec, source: Source, split: Split) -> Pool:
+    """The images `eval` scores: the test set, or (eval_on: val) the validation images held out of the train set."""
+    if spec.eval_on == "val":
+        return Pool(source.train, split.val, source.train_labels[split.val])
+    return Pool(source.test, np.arange(len(source.test)), source.test_labels)
 
 
 def _pools(source: Source, split: Split) -> tuple[Pool, Pool | None]:
