@@ -17,6 +17,7 @@ from orchestrator.data import build_data
 from orchestrator.spec import DataSpec
 from trainers import cone
 from trainers._common.contract import ConfigError
+from trainers._common.ema import cosine_momentum
 
 EXPERIMENTS = sorted((Path(__file__).parents[1] / "experiments" / "cone").glob("*.yaml"))
 CFG = cone.TINY
@@ -148,10 +149,10 @@ def test_enqueue_is_fifo_over_all_three_buffers_with_wrap_around():
 
 
 def test_momentum_is_cosine_ramped_from_base_to_one():
-    assert cone.momentum_at(0, 100, 0.996) == pytest.approx(0.996)
-    assert cone.momentum_at(50, 100, 0.996) == pytest.approx(0.998)
-    assert cone.momentum_at(100, 100, 0.996) == pytest.approx(1.0)
-    assert cone.momentum_at(250, 100, 0.996) == pytest.approx(1.0)
+    assert cosine_momentum(0, 100, 0.996) == pytest.approx(0.996)
+    assert cosine_momentum(50, 100, 0.996) == pytest.approx(0.998)
+    assert cosine_momentum(100, 100, 0.996) == pytest.approx(1.0)
+    assert cosine_momentum(250, 100, 0.996) == pytest.approx(1.0)
 
 
 def test_a_step_uses_the_old_queue_then_enqueues_the_keys_and_moves_the_key_encoder(digits):
@@ -172,7 +173,7 @@ def test_a_step_uses_the_old_queue_then_enqueues_the_keys_and_moves_the_key_enco
         torch.testing.assert_close(model.queue[rows], k)
         torch.testing.assert_close(model.queue_prob[rows], torch.softmax(z_k, dim=1))
         assert torch.equal(model.queue_label[rows], batch["y"]) and int(model.queue_ptr) == (old[3] + 8) % 16
-        m = cone.momentum_at(step + 1, cfg.total_steps, cfg.base_momentum)
+        m = cosine_momentum(step + 1, cfg.total_steps, cfg.base_momentum)
         for before, p_k, p_q in zip(k_params, model.encoder_k.parameters(), model.encoder_q.parameters()):
             torch.testing.assert_close(p_k, m * before + (1 - m) * p_q)
         assert model.pending == []

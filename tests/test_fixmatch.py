@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 
 from orchestrator.data import build_data
 from orchestrator.spec import DataSpec
 from trainers import fixmatch
+from trainers._common.contract import ConfigError
 
 
 def digits_batch(batch_size: int = 8) -> tuple[dict[str, torch.Tensor], object]:
@@ -21,7 +23,7 @@ def digits_batch(batch_size: int = 8) -> tuple[dict[str, torch.Tensor], object]:
 def test_mask_and_hard_pseudo_labels_on_a_hand_case() -> None:
     """Row 0 is confident (0.96 >= 0.95) in class 0; row 1 (max 0.5) is masked out; targets are the argmax."""
     logits_w = torch.tensor([[0.96, 0.02, 0.02], [0.2, 0.5, 0.3]]).log()
-    targets, mask = fixmatch.pseudo_labels(logits_w, p_cutoff=0.95, temperature=1.0, hard_label=True)
+    targets, mask = fixmatch.pseudo_labels(logits_w, p_cutoff=0.95, hard_label=True, temperature=0.5)
     assert targets.tolist() == [0, 1]
     assert mask.tolist() == [1.0, 0.0]
 
@@ -33,10 +35,18 @@ def test_masked_consistency_loss_averages_over_all_unlabeled_images() -> None:
     torch.testing.assert_close(loss, torch.tensor(math.log(2) / 2))
 
 
-def test_soft_pseudo_labels_are_sharpened_by_the_temperature() -> None:
+def test_soft_pseudo_labels_are_the_probabilities_as_in_usb() -> None:
+    """USB's fixmatch hands probabilities to its hook with softmax=False: the soft targets are p, T plays no part."""
+    logits_w = torch.tensor([[0.6, 0.4]]).log()
+    targets, mask = fixmatch.pseudo_labels(logits_w, p_cutoff=0.55, hard_label=False)
+    torch.testing.assert_close(targets, torch.tensor([[0.6, 0.4]]))
+    assert fixmatch.Config().temperature is None and mask.tolist() == [1.0]
+
+
+def test_soft_pseudo_labels_are_sharpened_by_a_temperature_when_one_is_set() -> None:
     """softmax(log p / T) with T = 0.5 is p^2 renormalised: [0.6, 0.4] -> [0.36, 0.16] / 0.52; the mask uses T = 1."""
     logits_w = torch.tensor([[0.6, 0.4]]).log()
-    targets, mask = fixmatch.pseudo_labels(logits_w, p_cutoff=0.55, temperature=0.5, hard_label=False)
+    targets, mask = fixmatch.pseudo_labels(logits_w, p_cutoff=0.55, hard_label=False, temperature=0.5)
     torch.testing.assert_close(targets, torch.tensor([[0.36 / 0.52, 0.16 / 0.52]]))
     assert mask.tolist() == [1.0]
     soft_loss = fixmatch.consistency_loss(torch.zeros(1, 2), targets, mask)
@@ -76,3 +86,8 @@ def test_evaluation_uses_the_ema_model() -> None:
         again = fixmatch.eval_step(model, eval_batch, cfg)
     assert int(sums["n"]) == len(eval_batch["y"])
     torch.testing.assert_close(sums["loss"], again["loss"])
+
+
+def test_a_temperature_that_is_not_positive_is_refused() -> None:
+    with pytest.raises(ConfigError, match="config.temperature"):
+        fixmatch.check(dataclasses.replace(fixmatch.Config(), temperature=0.0))

@@ -16,6 +16,7 @@ from orchestrator.spec import DataSpec
 from trainers import lewel
 from trainers._common.backbones import build_backbone, feature_map
 from trainers._common.contract import ConfigError
+from trainers._common.ema import cosine_momentum
 
 
 @functools.cache
@@ -104,11 +105,11 @@ def test_train_step_is_symmetric_in_the_two_views() -> None:
 
 
 def test_momentum_is_cosine_annealed_from_base_to_one() -> None:
-    assert lewel.momentum_at(0, 100, 0.98) == pytest.approx(0.98)
-    assert lewel.momentum_at(50, 100, 0.98) == pytest.approx(0.99)
-    assert lewel.momentum_at(25, 100, 0.98) == pytest.approx(1 - 0.02 * (math.cos(math.pi / 4) + 1) / 2)
-    assert lewel.momentum_at(100, 100, 0.98) == pytest.approx(1.0)
-    assert lewel.momentum_at(150, 100, 0.98) == pytest.approx(1.0)
+    assert cosine_momentum(0, 100, 0.98) == pytest.approx(0.98)
+    assert cosine_momentum(50, 100, 0.98) == pytest.approx(0.99)
+    assert cosine_momentum(25, 100, 0.98) == pytest.approx(1 - 0.02 * (math.cos(math.pi / 4) + 1) / 2)
+    assert cosine_momentum(100, 100, 0.98) == pytest.approx(1.0)
+    assert cosine_momentum(150, 100, 0.98) == pytest.approx(1.0)
 
 
 def test_the_target_starts_as_a_copy_and_follows_by_ema() -> None:

@@ -110,6 +110,20 @@ def test_bank_update_is_momentum_normalised_in_the_cifar_variant() -> None:
     torch.testing.assert_close(model.bank.norm(dim=1), torch.ones(6))
 
 
+def test_usbs_literal_bank_rule_normalises_each_feature_across_the_batch() -> None:
+    """USB: mem_bank (D, L); mem_bank[:, index] = F.normalize(m * mem_bank[:, index] + (1 - m) * k.T), whose default
+    dim=1 runs over the B columns. Written here in that layout, against update_bank(norm="usb")."""
+    model = simmatch.build(simmatch.TINY, INFO)
+    d, index = simmatch.TINY.proj_dim, torch.tensor([4, 1, 3, 0])
+    k = F.normalize(torch.randn(4, d), dim=1)  # (B, D) embeddings
+    mem_bank = model.bank.T.clone()  # (D, L)
+    mem_bank[:, index] = F.normalize(0.7 * mem_bank[:, index] + 0.3 * k.T)
+    simmatch.update_bank(model, k, torch.tensor([0, 1, 2, 3]), index, momentum=0.7, norm="usb")
+    torch.testing.assert_close(model.bank, mem_bank.T)
+    torch.testing.assert_close(model.bank[index].pow(2).sum(), torch.tensor(float(d)))  # each feature unit over B
+    assert simmatch.Config().bank_norm == "embedding"
+
+
 def test_a_repeated_index_takes_its_last_occurrence() -> None:
     assert simmatch.last_occurrence(torch.tensor([1, 3, 1, 0, 3]), size=4).tolist() == [False, False, True, True, True]
     model = simmatch.build(simmatch.TINY, INFO)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from orchestrator.data import build_data
 from orchestrator.spec import DataSpec
 from trainers import simmatchv2 as sm
-from trainers._common.contract import DataInfo
+from trainers._common.contract import ConfigError, DataInfo
 
 INFO = DataInfo(num_classes=10, image_size=16, in_channels=1, num_train=80, num_labeled=20)
 
@@ -241,3 +241,19 @@ def test_eval_scores_the_student():
         torch.testing.assert_close(model(x), model.student(x)[0])
         sums = sm.eval_step(model, {"x": x, "y": torch.tensor([0, 1, 2])}, sm.TINY)
     assert int(sums["n"]) == 3
+
+
+def test_teacher_momentum_is_constant_above_0_996_and_cosine_ramped_to_1_at_or_below_it() -> None:
+    """The official main.py: ema_m if ema_m > 0.996 else 1 - (1 - ema_m)(cos(pi curr_step / total) + 1) / 2."""
+    assert sm.teacher_momentum(sm.Config(ema_m=0.999, total_steps=100), 50) == 0.999
+    cfg = sm.Config(ema_m=0.99, total_steps=800)
+    official = [1 - (1 - 0.99) * (math.cos(math.pi * t / 800) + 1) / 2 for t in (1, 200, 400, 800)]
+    assert [sm.teacher_momentum(cfg, t) for t in (1, 200, 400, 800)] == pytest.approx(official)
+    assert sm.teacher_momentum(cfg, 400) == pytest.approx(0.995) and sm.teacher_momentum(cfg, 800) == 1.0
+    assert sm.teacher_momentum(sm.Config(ema_m=0.996, total_steps=10), 5) == pytest.approx(0.998)
+
+
+def test_a_ramped_teacher_momentum_needs_the_runs_steps() -> None:
+    with pytest.raises(ConfigError, match="config.total_steps"):
+        sm.check(sm.Config(arch="small_cnn", ema_m=0.99))
+    sm.check(sm.Config(arch="small_cnn", ema_m=0.99, total_steps=800))

@@ -75,7 +75,6 @@ Deviations from the official code, with reasons:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -87,7 +86,7 @@ from trainers import supervised
 from trainers._common.backbones import Classifier, build_backbone, check_arch
 from trainers._common.contract import Batch, ConfigError, DataInfo, TrainerSpec
 from trainers._common.dist import all_gather_cat
-from trainers._common.ema import ema_update, make_teacher
+from trainers._common.ema import cosine_momentum, ema_update, make_teacher
 
 UNFILLED = -1.0e4  # logit of a queue row not yet filled: exp(UNFILLED - max) is exactly 0 in fp32 next to a filled row
 DROP = 1.0e-8  # official threshold: rows with s <= DROP leave L_sup, rows with min softmax <= DROP leave R
@@ -262,12 +261,6 @@ def dc_loss(z: torch.Tensor, d: torch.Tensor, rows: torch.Tensor) -> torch.Tenso
     return torch.where(rows, kl, torch.zeros_like(kl)).sum() / len(z)
 
 
-def momentum_at(step: int, total_steps: int, base: float) -> float:
-    """m_t = 1 - (1 - base)(cos(pi t / T) + 1) / 2: base at t = 0, 1 at t >= T."""
-    progress = min(step, total_steps) / total_steps
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
-
-
 @torch.no_grad()
 def enqueue(buffers: tuple[torch.Tensor, ...], ptr: torch.Tensor, values: tuple[torch.Tensor, ...]) -> None:
     """FIFO into parallel buffers (K, ...): rows ptr, ptr+1, ... (mod K) <- values (N, ...); ptr advances by N (mod
@@ -330,7 +323,7 @@ def on_step_end(model: CoNe, cfg: Config, step: int) -> None:
         k, y, p = (all_gather_cat(torch.cat(parts)) for parts in zip(*model.pending))
         enqueue((model.queue, model.queue_label, model.queue_prob), model.queue_ptr, (k, y, p))
         model.pending.clear()
-    ema_update(model.encoder_k, model.encoder_q, momentum_at(step, cfg.total_steps, cfg.base_momentum))
+    ema_update(model.encoder_k, model.encoder_q, cosine_momentum(step, cfg.total_steps, cfg.base_momentum))
 
 
 def eval_step(model: CoNe, batch: Batch, cfg: Config) -> dict[str, torch.Tensor]:

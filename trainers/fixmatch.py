@@ -2,13 +2,13 @@
 
     L = L_x + lambda_u * L_u
     L_x = CE(f(x_lb), y_lb)
-    L_u = mean_b 1[max q_b >= tau] * CE(f(A(u_b)), q_hat_b),   q_b = softmax(f(alpha(u_b)) / T),  q_hat_b = argmax q_b
+    L_u = mean_b 1[max q_b >= tau] * CE(f(A(u_b)), q_hat_b),   q_b = softmax(f(alpha(u_b))),  q_hat_b = argmax q_b
 
 Paper symbol -> Config field:
     tau (confidence threshold, 0.95)        -> p_cutoff
     lambda_u (unlabeled loss weight, 1)     -> lambda_u
-    T (sharpening temperature, 1)           -> temperature (soft targets only; hard labels ignore it, as USB does)
-    hard pseudo-labels (argmax)             -> hard_label
+    hard pseudo-labels (argmax)             -> hard_label (soft targets q_b with hard_label: false)
+    T (USB's config key; see below)         -> temperature
     EMA of the weights for evaluation (0.999) -> ema_momentum
     mu (unlabeled ratio, 7), B (64), lr, wd  -> the experiment's data.unlabeled_ratio and optim block
     alpha(.) weak, A(.) strong augmentation -> the data layer's "weak_strong" views
@@ -17,6 +17,11 @@ As in USB: labeled, weak and strong images go through the student in one forward
 together); the pseudo-labels come from the same pass's weak logits, detached; the mask is computed on softmax(logits)
 before any temperature; L_u averages over all B*mu unlabeled images, masked ones included. Evaluation uses the EMA
 model (USB's `ema_model`), updated after every optimizer step.
+
+Soft targets (hard_label: false) are q_b itself, as in USB: its fixmatch passes probabilities to the pseudo-labeling
+hook with softmax=False, so the `T` of its configs (0.5) never applies. `temperature: T` is an option beyond USB: soft
+targets softmax(f(alpha(u_b)) / T), the hook's softmax=True path that USB's other algorithms use (the mask still reads
+q_b). Hard labels ignore T either way.
 
 Deviations from USB: none in the loss. The EMA is trainers/_common/ema.py (parameters averaged, BatchNorm
 statistics copied from the student); the optimizer, LR schedule, weight-decay groups (none on biases and norms) and
@@ -33,7 +38,7 @@ from torch import nn
 
 from trainers import supervised
 from trainers._common.backbones import build_backbone, check_config_arch
-from trainers._common.contract import Batch, DataInfo, TrainerSpec
+from trainers._common.contract import Batch, ConfigError, DataInfo, TrainerSpec
 from trainers._common.ema import ema_update, make_teacher
 
 
@@ -45,7 +50,7 @@ class Config:
     drop_rate: float = 0.0
     p_cutoff: float = 0.95  # tau: keep a pseudo-label when its max probability reaches this
     lambda_u: float = 1.0
-    temperature: float = 1.0  # T: soft targets softmax(logits / T); unused with hard_label
+    temperature: float | None = None  # None: soft targets are softmax(logits) (USB); T: softmax(logits / T)
     hard_label: bool = True
     ema_momentum: float = 0.999  # the evaluation model follows the student with this momentum
 
@@ -75,13 +80,16 @@ def build(cfg: Config, info: DataInfo) -> nn.Module:
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def pseudo_labels(logits_w: torch.Tensor, p_cutoff: float, temperature: float, hard_label: bool
+def pseudo_labels(logits_w: torch.Tensor, p_cutoff: float, hard_label: bool, temperature: float | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C) weak logits -> targets ((N,) class ids, or (N, C) soft) and the (N,) float mask max p >= p_cutoff."""
+    """(N, C) weak logits -> targets ((N,) class ids, or (N, C) soft: the probabilities, or softmax(logits / T) with
+    a temperature) and the (N,) float mask max p >= p_cutoff."""
     probs = torch.softmax(logits_w.detach().float(), dim=1)  # (N, C)
     mask = (probs.max(dim=1).values >= p_cutoff).float()  # (N,)
     if hard_label:
         return probs.argmax(dim=1), mask
+    if temperature is None:
+        return probs, mask
     return torch.softmax(logits_w.detach().float() / temperature, dim=1), mask
 
 
@@ -105,7 +113,7 @@ def train_step(model: nn.Module, batch: Batch, cfg: Config, step: int) -> tuple[
     logits_lb = logits[: len(x_lb)]
     logits_w, logits_s = logits[len(x_lb):].chunk(2)  # (B*mu, num_classes) each
     loss_x = F.cross_entropy(logits_lb.float(), y_lb)
-    targets, mask = pseudo_labels(logits_w, cfg.p_cutoff, cfg.temperature, cfg.hard_label)
+    targets, mask = pseudo_labels(logits_w, cfg.p_cutoff, cfg.hard_label, cfg.temperature)
     loss_u = consistency_loss(logits_s, targets, mask)
     loss = loss_x + cfg.lambda_u * loss_u
     metrics = {
@@ -126,6 +134,12 @@ def eval_step(model: nn.Module, batch: Batch, cfg: Config) -> dict[str, torch.Te
     return supervised.eval_step(model.ema, batch, cfg)
 
 
+def check(cfg: Config) -> None:
+    check_config_arch(cfg)
+    if cfg.temperature is not None and cfg.temperature <= 0:
+        raise ConfigError("temperature", "a temperature > 0 (or null: USB's unsharpened probabilities)", cfg.temperature)
+
+
 SPEC = TrainerSpec(
     name="fixmatch",
     paper="FixMatch (Sohn et al., NeurIPS 2020), USB implementation",
@@ -136,5 +150,5 @@ SPEC = TrainerSpec(
     train_step=train_step,
     eval_step=eval_step,
     on_step_end=on_step_end,
-    check=check_config_arch,
+    check=check,
 )

@@ -57,7 +57,6 @@ Deviations from the official code, with reasons:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +66,7 @@ from torch import nn
 from trainers import supervised
 from trainers._common.backbones import Classifier, build_backbone, check_arch, feature_map
 from trainers._common.contract import Batch, ConfigError, DataInfo, TrainerSpec
-from trainers._common.ema import make_teacher
+from trainers._common.ema import cosine_momentum, make_teacher
 
 
 @dataclass
@@ -209,12 +208,6 @@ def symmetric_byol_loss(q1: torch.Tensor, q2: torch.Tensor, z1: torch.Tensor, z2
     return byol_loss(q1, z2) + byol_loss(q2, z1)
 
 
-def momentum_at(step: int, total_steps: int, base: float) -> float:
-    """m_k = 1 - (1 - m) (cos(pi k / K) + 1) / 2: base at k = 0, 1 at k >= K."""
-    progress = min(step, total_steps) / total_steps
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
-
-
 # ---------------------------------------------------------------------------------------------- target (in place)
 
 
@@ -260,7 +253,7 @@ def train_step(model: nn.Module, batch: Batch, cfg: Config, step: int) -> tuple[
 
 def on_step_end(model: nn.Module, cfg: Config, step: int) -> None:
     """`step` optimizer steps are done: the update after step k (0-based) uses m_k, as the official loop."""
-    update_target(model, momentum_at(step - 1, cfg.total_steps, cfg.base_momentum))
+    update_target(model, cosine_momentum(step - 1, cfg.total_steps, cfg.base_momentum))
 
 
 def eval_step(model: nn.Module, batch: Batch, cfg: Config) -> dict[str, torch.Tensor]:

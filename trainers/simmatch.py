@@ -19,6 +19,7 @@ Paper symbol -> Config field:
     DA FIFO length (32 USB, 256 ImageNet)                              -> da_len
     teacher: EMA network (ImageNet) or the student itself (USB CIFAR)  -> ema_teacher
     bank momentum without a teacher (0.7, USB)                         -> bank_momentum
+    which axis that bank update normalises (see deviations)            -> bank_norm
     EMA momentum m (0.999)                                             -> ema_momentum
     projection head to 128-d                                           -> proj_dim (hidden size = backbone features)
     "epoch 0": L_in = 0 and p_hat = p_w                                -> warmup_steps
@@ -47,6 +48,13 @@ Deviations from the official code / USB, with reasons:
   leave it to index assignment, which is nondeterministic on GPU.
 - L_in is multiplied by 0 during the warm-up rather than skipped (as USB; the official code skips it): the projection
   head then stays in the graph with zero gradients, which DDP without find_unused_parameters requires.
+- The bank update without an EMA teacher (bank_norm "embedding", the default) renormalises each updated row to unit
+  length, as the paper's bank of unit embeddings and the official code's overwrite imply. USB's code differs: it
+  applies F.normalize to the (proj_dim, B) slice `mem_bank[:, index]`, whose default dim=1 normalises each feature
+  across the batch's B columns, so its bank rows end with norm about sqrt(proj_dim / B) (1.41 at proj_dim 128 and
+  B 64, 2.83 at B 16) and the similarity logits z . z_j / t are scaled by that much. bank_norm "usb" reproduces
+  that rule literally (duplicated indices included in the normalisation, as in USB), for comparing with USB's
+  published CIFAR/STL numbers.
 - USB runs DA with p_target uniform and +1e-6 on both sides; the ratio here has no epsilon (the official code's form),
   and the uniform target is a constant that the renormalisation removes.
 """
@@ -83,6 +91,7 @@ class Config:
     lambda_in: float = 1.0
     ema_teacher: bool = False  # True: ImageNet variant (EMA teacher, bank overwritten); False: USB CIFAR variant
     bank_momentum: float = 0.7  # without an EMA teacher: bank = normalize(m * old + (1 - m) * new)
+    bank_norm: Literal["embedding", "usb"] = "embedding"  # that normalize: per row (unit rows) or USB's across the batch
     ema_momentum: float = 0.999  # the EMA network: teacher (ema_teacher) and/or evaluation model (eval_ema)
     eval_ema: bool = True  # evaluate the EMA network (USB) or the student (official ImageNet code)
     warmup_steps: int = 1024  # steps with L_in = 0 and p_hat = p_w; 0 disables
@@ -191,18 +200,20 @@ def push_da_queue(model: SimMatch, p_w: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def update_bank(model: SimMatch, z: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, momentum: float) -> None:
+def update_bank(model: SimMatch, z: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, momentum: float,
+                norm: str = "embedding") -> None:
     """Bank rows idx <- z (momentum 0: overwrite) or normalize(m * old + (1 - m) * z); labels <- y. Gathered over ranks.
 
     z (B, proj_dim), y (B,), idx (B,): every rank applies the same global update, so the banks stay identical.
+    norm "embedding" makes each new row unit; "usb" normalises each feature over the B rows (USB's F.normalize of
+    the (proj_dim, B) slice).
     """
     z, y, idx = all_gather_cat(z.detach().float()), all_gather_cat(y), all_gather_cat(idx)
-    keep = last_occurrence(idx, len(model.bank))
-    z, y, idx = z[keep], y[keep], idx[keep]
     if momentum > 0:
-        z = F.normalize(momentum * model.bank[idx] + (1.0 - momentum) * z, dim=1)
-    model.bank[idx] = z
-    model.bank_labels[idx] = y
+        z = F.normalize(momentum * model.bank[idx] + (1.0 - momentum) * z, dim=0 if norm == "usb" else 1)
+    keep = last_occurrence(idx, len(model.bank))
+    model.bank[idx[keep]] = z[keep]
+    model.bank_labels[idx[keep]] = y[keep]
 
 
 # ---------------------------------------------------------------------------------------------- the step
@@ -252,7 +263,8 @@ def train_step(model: nn.Module, batch: Batch, cfg: Config, step: int) -> tuple[
     if warm:
         loss_in = loss_in * 0.0  # kept in the graph: every parameter gets a gradient (DDP)
     loss = loss_x + cfg.lambda_u * loss_u + cfg.lambda_in * loss_in
-    update_bank(model, out["z_lb_t"], batch["y_lb"], batch["idx_lb"], 0.0 if cfg.ema_teacher else cfg.bank_momentum)
+    update_bank(model, out["z_lb_t"], batch["y_lb"], batch["idx_lb"], 0.0 if cfg.ema_teacher else cfg.bank_momentum,
+                cfg.bank_norm)
     metrics = {
         "loss_x": loss_x.detach(),
         "loss_u": loss_u.detach(),

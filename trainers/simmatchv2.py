@@ -21,6 +21,7 @@ Paper symbol -> Config field:
     confidence threshold                          threshold
     lambda_nn / lambda_ee / lambda_ne             lambda_nn, lambda_ee, lambda_ne
     EMA momentum m                                ema_m
+    steps of the run (the ramp of m, see below)   total_steps    (= optim.steps)
     feature normalization (LayerNorm)             norm_feat
     embedding dimension (128)                     proj_dim
 
@@ -34,6 +35,10 @@ Model: the backbone's pooled feature -> LayerNorm (norm_feat) -> fc head (logits
 projection to proj_dim, L2-normalised (embeddings z). The teacher is an EMA copy of the whole network and runs in
 train mode on cat([x_lb, x_ulb_w]) (its BN uses batch statistics, as the official teacher does). Evaluation
 scores the student, as the official `validate` does (`model(images)` -> `main`).
+
+Teacher momentum, as the official main.py: m stays ema_m when ema_m > 0.996 (the ImageNet default 0.999); at or below
+0.996 it is cosine-ramped to 1 over the run, m_t = 1 - (1 - ema_m)(cos(pi t / T) + 1) / 2 after the t-th optimizer
+step of T = total_steps (set it to optim.steps; the check refuses a ramped ema_m without it).
 
 Deviations from the official code (github.com/mingkai-zheng/SimMatchV2), with reasons:
 1. Multi-crop is one full-size strong crop (224, scale 0.14-1) plus k = data.num_local_crops crops of one
@@ -70,9 +75,9 @@ from torch import nn
 
 from trainers import supervised
 from trainers._common.backbones import build_backbone, check_config_arch
-from trainers._common.contract import Batch, DataInfo, TrainerSpec
+from trainers._common.contract import Batch, ConfigError, DataInfo, TrainerSpec
 from trainers._common.dist import all_gather_cat, all_reduce_mean
-from trainers._common.ema import ema_update, make_teacher
+from trainers._common.ema import cosine_momentum, ema_update, make_teacher
 
 
 @dataclass
@@ -92,8 +97,11 @@ class Config:
     lambda_nn: float = 10.0
     lambda_ee: float = 5.0
     lambda_ne: float = 5.0
-    ema_m: float = 0.999  # teacher momentum (constant: the official cosine ramp is off for m > 0.996)
+    ema_m: float = 0.999  # teacher momentum: constant above RAMP_BELOW, cosine-ramped to 1 at or below it (official)
+    total_steps: int | None = None  # T of that ramp: optim.steps (needed when ema_m <= RAMP_BELOW)
 
+
+RAMP_BELOW = 0.996  # the official code ramps m to 1 when ema_m <= 0.996
 
 # Small banks and lambdas of 1 so that 15 SGD steps on one batch show the loss going down: the bank fills in two
 # steps and L_ne switches on at step 1 (its bank starts with zero probabilities, so step 0 zeroes it).
@@ -300,8 +308,22 @@ def train_step(model: SimMatchV2, batch: Batch, cfg: Config, step: int) -> tuple
     return loss, metrics
 
 
+def teacher_momentum(cfg: Config, step: int) -> float:
+    """m after the `step`-th optimizer step (1-based, the official curr_step)."""
+    if cfg.ema_m > RAMP_BELOW:
+        return cfg.ema_m
+    return cosine_momentum(step, cfg.total_steps, cfg.ema_m)
+
+
 def on_step_end(model: SimMatchV2, cfg: Config, step: int) -> None:
-    ema_update(model.teacher, model.student, cfg.ema_m)
+    ema_update(model.teacher, model.student, teacher_momentum(cfg, step))
+
+
+def check(cfg: Config) -> None:
+    check_config_arch(cfg)
+    if cfg.ema_m <= RAMP_BELOW and (cfg.total_steps is None or cfg.total_steps <= 0):
+        raise ConfigError("total_steps", f"the run's optim.steps: ema_m {cfg.ema_m} <= {RAMP_BELOW} is cosine-ramped "
+                          "to 1 over the run (official)", cfg.total_steps)
 
 
 def eval_step(model: SimMatchV2, batch: Batch, cfg: Config) -> dict[str, torch.Tensor]:
@@ -319,5 +341,5 @@ SPEC = TrainerSpec(
     train_step=train_step,
     eval_step=eval_step,
     on_step_end=on_step_end,
-    check=check_config_arch,
+    check=check,
 )

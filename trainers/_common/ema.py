@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -23,3 +24,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         t.lerp_(s.detach(), 1.0 - momentum)
     for t, s in zip(teacher.buffers(), student.buffers()):
         t.copy_(s)
+
+
+def cosine_momentum(step: int, total_steps: int, base: float) -> float:
+    """m_t = 1 - (1 - base)(cos(pi t / T) + 1) / 2: base at t = 0, 1 at t >= T (BYOL's schedule)."""
+    progress = min(step, total_steps) / total_steps
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
