@@ -239,9 +239,11 @@ def test_experiment_files_validate_and_their_teacher_reference_resolves(path: Pa
     diffkd.check(resolved.method_config())
 
 
-def test_the_digits_chain_shares_the_students_budget():
-    distill = experiment_spec.load(REPO / "experiments" / "diffkd" / "digits.yaml")
-    alone = experiment_spec.load(REPO / "experiments" / "supervised" / "digits_student.yaml")
+@pytest.mark.parametrize("distill_file, student_file", [("digits.yaml", "digits_student.yaml"),
+                                                       ("digits_100_steps.yaml", "digits_student_100_steps.yaml")])
+def test_the_digits_chain_shares_the_students_budget(distill_file: str, student_file: str):
+    distill = experiment_spec.load(REPO / "experiments" / "diffkd" / distill_file)
+    alone = experiment_spec.load(REPO / "experiments" / "supervised" / student_file)
     teacher = experiment_spec.load(REPO / "experiments" / "supervised" / "digits_teacher.yaml")
     assert distill.optim == alone.optim and distill.data == alone.data
     assert distill.method_config().arch == alone.method_config().arch

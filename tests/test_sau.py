@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 
 from orchestrator.spec import method_config
@@ -131,14 +130,35 @@ def test_label_correction_on_constructed_embeddings():
     assert sau.noisy_synthetic(z_syn, y_syn, z_ref[:0], y_ref[:0]).all()  # nothing to agree with
 
 
-def test_nearest_reference_is_euclidean_as_the_official_knn():
-    # a short prototype p = 0.1 s lies along s (cosine 1, distance 0.9); a real r has cosine 0.8 (distance 0.632):
-    # the official 1-NN (Euclidean) picks r, cosine would pick p.
+def test_nearest_reference_is_the_cosine_argmax_over_normalised_rows_not_euclidean():
+    # a short prototype p = 0.1 s (class 8) lies along s (cosine 1, distance 0.9); a real r (class 7) has cosine 0.8
+    # (distance 0.632). Euclidean 1-NN against the un-normalised prototype picks r (label 7: clean); the official
+    # cosine argmax over normalised rows picks p (label 8: noisy).
     s = torch.tensor([0.6, 0.8])
     r = torch.tensor([0.96, 0.28])  # unit; s.r = 0.576 + 0.224 = 0.8
     z_ref = torch.stack([torch.stack([r, r]), torch.stack([0.1 * s, 0.1 * s])])  # (2, 2, 2): real r, prototype p
+    assert torch.cdist(s[None], z_ref[:, 0]).argmin().item() == 0  # Euclidean: r
     noisy = sau.noisy_synthetic(torch.stack([s, s])[None], torch.tensor([7]), z_ref, torch.tensor([7, 8]))
-    assert not noisy.item()
+    assert noisy.item()
+    # the synthetic row's own length does not matter either
+    assert sau.noisy_synthetic(torch.stack([3 * s, 3 * s])[None], torch.tensor([8]), z_ref, torch.tensor([7, 8])
+                               ).tolist() == [False]
+
+
+def test_label_correction_off_trusts_every_synthetic_image():
+    torch.manual_seed(1)
+    z = F.normalize(torch.randn(8, 2, 4), dim=2)
+    y, is_syn = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), torch.tensor([False] * 2 + [True] * 6)
+    cfg = dataclasses.replace(sau.TINY, label_correction=False)
+    loss, noisy = sau.scl_loss(z, y, is_syn, z[:0], y[:0], cfg)
+    assert not noisy.any() and len(noisy) == 6
+    torch.testing.assert_close(loss, sau.sup_con(z[torch.cat([(~is_syn).nonzero(), is_syn.nonzero()]).flatten()],
+                                                 torch.cat([y[~is_syn], y[is_syn]]), torch.ones(8, dtype=torch.bool),
+                                                 cfg.tau))
+
+
+def test_default_strategy_is_the_official_pos_neg():
+    assert sau.Config().strategy == "pos_neg" and sau.Config().label_correction
 
 
 def test_each_strategy_does_what_the_table_says():
@@ -154,13 +174,14 @@ def test_each_strategy_does_what_the_table_says():
 
 
 def official_scl(z, y, is_syn, prototypes, prototype_labels, strategy, tau):
-    """loss/ContrastiveLoss.py's SCL.forward, restated: sklearn 1-NN relabelling, repeated masks, max subtraction."""
+    """loss/ContrastiveLoss.py's SCL (latest), restated: relabel by the cosine argmax over L2-normalised real rows,
+    prototypes and synthetic rows, then repeated masks and max subtraction on the un-normalised rows."""
     real_f, real_l = torch.cat([z[~is_syn], prototypes]), torch.cat([y[~is_syn], prototype_labels])
     syn_f, syn_l = z[is_syn], y[is_syn].clone()
     agree = torch.ones(len(syn_l), dtype=torch.bool)
     for v in range(2):
-        knn = KNeighborsClassifier(n_neighbors=1).fit(real_f[:, v].numpy(), real_l.numpy())
-        agree &= torch.from_numpy(knn.predict(syn_f[:, v].numpy())) == syn_l
+        similarity = F.normalize(syn_f[:, v], dim=1) @ F.normalize(real_f[:, v], dim=1).T
+        agree &= real_l[similarity.argmax(dim=1)] == syn_l
     index = ~agree
     syn_l[index] = -torch.arange(1, int(index.sum()) + 1) if strategy == "pos_neg" else -1
     if strategy == "drop":
@@ -287,6 +308,20 @@ def test_a_tiny_step_gives_a_finite_loss_gradients_and_metrics():
     assert all(v.ndim == 0 and not v.requires_grad for v in metrics.values())
     assert loss.item() == pytest.approx(metrics["loss_mix"].item() + metrics["loss_scl"].item(), rel=1e-6)
     assert model.training
+
+
+@pytest.mark.parametrize("field, kept", [("lambda_mix", "loss_scl"), ("lambda_scl", "loss_mix")])
+def test_a_zero_weight_removes_its_branch_from_the_loss_and_keeps_every_gradient(field: str, kept: str):
+    """The ablations lambda_mix 0 (SAU without L_mix) and lambda_scl 0 (without L_SCL): the branch is still computed
+    (DDP needs a gradient on every parameter) but the loss is the other branch alone."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(sau.TINY, **{field: 0.0})
+    sau.check(cfg)
+    model = sau.build(cfg, tiny_info())
+    loss, metrics = sau.train_step(model, tiny_batch(), cfg, 0)
+    assert loss.item() == pytest.approx(metrics[kept].item(), rel=1e-6)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("strategy", sau.STRATEGIES)

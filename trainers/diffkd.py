@@ -45,10 +45,9 @@ clip_sample False, beta_schedule "linear" (betas 1e-4..0.02 by default). Here th
 DDIMScheduler itself, built with those values (and the defaults set_alpha_to_one True, timestep_spacing "leading",
 steps_offset 0): `set_timesteps(10)` gives 900, 800, ..., 0 and the last 5 are run; `step(eta=0,
 use_clipped_model_output=True)` is the DDIM update, as official; its `add_noise` gives L_ddim's q(z_k | z), the
-official call too. Where it differs: diffusers has no `add_noise_diff2`, the official start point of the student's
-denoising. We implement that start point as the pure function `noisy_start`: the linear mix gamma s' + (1 - gamma)
-eps, as the spec states it. We could not read the official scheduling_ddim.py here; forks of it that we read differ
-from one another (one mixes sqrt(gamma) s' + (1 - gamma) eps), so this point rests on the spec.
+official call too. Diffusers has no `add_noise_diff2`, the official start point of the student's denoising: in the
+official scheduling_ddim.py it takes the adapter's gamma as its "alpha_prod" and returns gamma s' + (1 - gamma) eps
+(the square roots of add_noise are commented out there), the linear mix that the pure function `noisy_start` computes.
 
 Other differences from the official code, with reasons:
 - The logits of student and teacher are computed from their average-pooled spatial maps (one forward pass each);

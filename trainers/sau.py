@@ -13,12 +13,12 @@ One backbone f with an fc classifier and a contrastive head g (D-2048-BN-ReLU-20
                        L_mix = CE(fc(f(x_mix)), lam y + (1-lam) y[pi]) + CE(fc(f(x_cut)), lam y + (1-lam) y[pi])
     synthetic-aware    rows = real images of the batch + class prototypes p_c (both "real") + synthetic images,
                        each with its v2 and v3 embeddings (z2, z3);
-                       a synthetic image is "noisy" unless its nearest real row or prototype carries its label
-                       in v2 AND in v3;
+                       a synthetic image is "noisy" unless its most cosine-similar real row or prototype carries
+                       its label in v2 AND in v3;
                        L_SCL = SupCon over the 2 x rows embeddings at tau, noisy rows handled by `strategy`
     total              L = lambda_mix L_mix + lambda_scl L_SCL                                   (1 : 1)
 
-strategy (official `--loss_strategy`, default "drop"): a noisy synthetic image is
+strategy (official `--loss_strategy`, default "pos_neg"): a noisy synthetic image is
     pos_neg   given a unique negative label: its only positive is its own other view
     neg_only  labelled -1: not an anchor, only a negative of the others
     drop      removed from L_SCL
@@ -30,6 +30,7 @@ Paper symbol -> Config field:
     Beta(alpha, alpha) of mixup and cutmix, 1    -> mix_alpha
     L_mix : L_SCL = 1 : 1                        -> lambda_mix, lambda_scl
     noisy-sample strategy                        -> strategy
+    (ablation, not in the paper) label correction off: every synthetic image trusted -> label_correction (False)
 The optimizer is the experiment's `optim:` block (official: SGD momentum 0.9, lr 0.01, wd 5e-3, batch 128, 200 epochs
 cosine). As in the official code weight decay applies to every parameter, BN and biases included (`param_groups`).
 
@@ -45,9 +46,12 @@ Where this follows the official code:
 - Four passes through the backbone per step (mixup, cutmix, v2, v3), each with its own BN statistics.
 - Prototypes are the per-class mean of unit embeddings per view, not re-normalised, and they are anchors of the
   SupCon loss like the real rows (only the batch rows carry gradient).
-- Label correction is a 1-nearest-neighbour search by Euclidean distance (the official sklearn KNeighborsClassifier
-  default) per view among the batch's real rows and the prototypes. For unit vectors this is the cosine order the
-  spec names; the un-normalised prototypes (norm <= 1) are compared by Euclidean distance, as in the official code.
+- Label correction (the latest official `SCL.relabel`): per view, the synthetic rows, the batch's real rows and the
+  prototypes are L2-normalised, and a synthetic image takes the label of the reference row of largest cosine
+  similarity (argmax of z_syn @ z_ref.T); it is noisy unless that label is its own in v2 and in v3. Only this search
+  normalises the prototypes: in the SupCon loss they stay the un-normalised means (as official). A Euclidean 1-NN
+  against the un-normalised prototypes (this file's earlier search) can pick another row when a prototype is short
+  (tests/test_sau.py has such a case).
 - The SupCon loss is the mean over all anchors (pos_neg, drop), or the sum over the non-noisy anchors divided by
   their number (neg_only); the official subtraction of the row maximum is replaced by logsumexp (the same values).
 
@@ -69,7 +73,9 @@ Differences from the official code, with reasons:
   64/128/256 channels, 1x1 convolution shortcuts, a 16-channel stem) has the same stages and widths and 7.4M
   parameters like it. Layers are initialised by the backbone's own scheme, not the official Kaiming normal.
 - With several workers each rank's SupCon sees its own share of the batch plus the prototypes (official: one GPU).
-- Under the orchestrator's bf16 autocast the networks run in bf16; the losses and the 1-NN search run in fp32.
+- Under the orchestrator's bf16 autocast the networks run in bf16; the losses and the cosine search run in fp32.
+- `label_correction` False (an ablation switch, not official) marks no synthetic image noisy. `lambda_mix` or
+  `lambda_scl` 0 weights a branch out but still computes it: every parameter keeps a gradient (zeros), as DDP needs.
 - `acc` (a diagnostic, not in the official log): the fc's accuracy on view 1, from one more forward pass under
   no_grad in eval mode, so it changes no BN statistics (about 8% more compute per step).
 - `noisy_fraction`: the share of the batch's synthetic images marked noisy (0 when the batch has none);
@@ -97,7 +103,7 @@ STRATEGIES = ("pos_neg", "neg_only", "drop")
 
 @dataclass
 class Config:
-    """The official CIFAR recipe: contrastive head 2048/128, tau 0.1, Beta(1, 1), L_mix : L_SCL = 1 : 1, drop."""
+    """The official CIFAR recipe: contrastive head 2048/128, tau 0.1, Beta(1, 1), L_mix : L_SCL = 1 : 1, pos_neg."""
 
     arch: str = "wrn34_4"  # official ResNet-32 width 64 is not a project backbone; WRN-34-4 has its stages and widths
     hidden_dim: int = 2048  # contrastive head hidden width
@@ -106,7 +112,8 @@ class Config:
     mix_alpha: float = 1.0  # lam ~ Beta(mix_alpha, mix_alpha) for mixup and cutmix
     lambda_mix: float = 1.0  # weight of L_mix (synthetic-unaware branch)
     lambda_scl: float = 1.0  # weight of L_SCL (synthetic-aware branch)
-    strategy: Literal["pos_neg", "neg_only", "drop"] = "drop"  # noisy synthetic images (official default: drop)
+    strategy: Literal["pos_neg", "neg_only", "drop"] = "pos_neg"  # noisy synthetic images (official argparse default)
+    label_correction: bool = True  # False: no synthetic image is noisy (ablation; the official code always corrects)
 
 
 TINY = Config(arch="small_cnn", hidden_dim=32, out_dim=16)
@@ -232,14 +239,14 @@ def sup_con(z: torch.Tensor, labels: torch.Tensor, anchors: torch.Tensor, tau: f
 def noisy_synthetic(z_syn: torch.Tensor, y_syn: torch.Tensor, z_ref: torch.Tensor, y_ref: torch.Tensor
                     ) -> torch.Tensor:
     """Label correction: z_syn (S, 2, d) synthetic embeddings with labels y_syn (S,), z_ref (R, 2, d) the real rows
-    and prototypes with labels y_ref (R,) -> (S,) bool, True where the Euclidean nearest reference row of v2 or of v3
-    has another label (all True when there is no reference row)."""
+    and prototypes with labels y_ref (R,) -> (S,) bool, True where the most cosine-similar reference row of v2 or of
+    v3 (every row L2-normalised, prototypes included) has another label (all True when there is no reference row)."""
     if len(z_ref) == 0:
         return torch.ones_like(y_syn, dtype=torch.bool)
     agree = torch.ones_like(y_syn, dtype=torch.bool)
     for v in range(2):
-        nearest = torch.cdist(z_syn[:, v], z_ref[:, v]).argmin(dim=1)  # (S,)
-        agree &= y_ref[nearest] == y_syn
+        cosine = F.normalize(z_syn[:, v], dim=1) @ F.normalize(z_ref[:, v], dim=1).T  # (S, R)
+        agree &= y_ref[cosine.argmax(dim=1)] == y_syn
     return ~agree
 
 
@@ -265,7 +272,10 @@ def scl_loss(z: torch.Tensor, y: torch.Tensor, is_syn: torch.Tensor, prototypes:
     z_ref = torch.cat([z[~is_syn], prototypes])  # (R, 2, d): real rows and prototypes
     y_ref = torch.cat([y[~is_syn], prototype_labels])  # (R,)
     z_syn, y_syn = z[is_syn], y[is_syn]  # (S, 2, d), (S,)
-    noisy = noisy_synthetic(z_syn.detach(), y_syn, z_ref.detach(), y_ref)
+    if cfg.label_correction:
+        noisy = noisy_synthetic(z_syn.detach(), y_syn, z_ref.detach(), y_ref)
+    else:
+        noisy = torch.zeros_like(y_syn, dtype=torch.bool)
     z_syn, y_syn, syn_anchors = apply_strategy(z_syn, y_syn, noisy, cfg.strategy)
     anchors = torch.cat([torch.ones_like(y_ref, dtype=torch.bool), syn_anchors])
     return sup_con(torch.cat([z_ref, z_syn]), torch.cat([y_ref, y_syn]), anchors, cfg.tau), noisy
@@ -314,7 +324,7 @@ def train_step(model: SAU, batch: Batch, cfg: Config, step: int) -> tuple[torch.
     x1, y, is_syn = batch["x1"], batch["y"], batch["is_syn"].bool()
     loss_mix = mix_loss(model, x1, y, cfg)  # the soft-label CE in fp32 on the fc's logits
     z = torch.stack([model.embed(batch["x2"]), model.embed(batch["x3"])], dim=1)  # (B, 2, out_dim), one pass each
-    with torch.autocast(x1.device.type, enabled=False):  # SupCon at tau 0.1 and the 1-NN search in fp32
+    with torch.autocast(x1.device.type, enabled=False):  # SupCon at tau 0.1 and the cosine search in fp32
         prototypes, prototype_labels = class_prototypes(model.bank, model.bank_labels, model.encoder.head.out_features)
         loss_scl, noisy = scl_loss(z, y, is_syn, prototypes, prototype_labels, cfg)
     fill_bank(model, z.detach(), y, batch["idx"], is_syn)
