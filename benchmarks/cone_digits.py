@@ -1,26 +1,25 @@
 """CoNe vs plain cross-entropy on digits at the same budget, several seeds. Measures, does not assert.
 
+    .venv/bin/python benchmarks/cone_digits.py --select [--select-seeds 0 1]   # choose on the validation split
     .venv/bin/python benchmarks/cone_digits.py [--seeds 0 1 2]
 
 Each method runs its shipped experiment file (experiments/cone/digits.yaml; the baseline
 experiments/supervised/digits_ce.yaml) through the orchestrator's step loop in this process (no Ray, one rank), so
 the numbers are those of the files a researcher runs. The script refuses to compare files whose data or optim blocks
-differ. Reports test accuracy (mean ± std and per seed) and seconds per run; writes
-benchmarks/results/cone_digits.{md,json} and logs one MLflow run (experiment `benchmarks`).
+differ. Both files hold 15 images per class out of the training set (data.val_per_class): `--select` scores CoNe's
+GRID on them (data.eval_on val; benchmarks/results/cone_digits_selection.{md,json}), the file carries the chosen
+value, and the plain run reports test accuracy once (mean ± std and per seed) and seconds per run; both write
+benchmarks/results/ and log one MLflow run (experiment `benchmarks`).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from budget import check_same_budget, publish, seed_metrics
-
-from orchestrator import spec as spec_mod
-from orchestrator.launch import train_in_process
+from budget import check_same_budget, publish, seed_metrics, select_on_validation, selection_table, train_file
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = {
@@ -28,14 +27,12 @@ FILES = {
     "cone": REPO / "experiments" / "cone" / "digits.yaml",
 }
 SAME_BUDGET = ("optim", "data", "config.arch")
+GRID = {"cone": {"config.base_momentum": [0.9, 0.99, 0.996]}}  # the key encoder's EMA (official 0.996)
 
 
-def run_one(method: str, seed: int) -> dict[str, float]:
-    spec = spec_mod.load(FILES[method], [f"seed={seed}", "resources.workers=1", "eval.every=null",
-                                         "checkpoint.every=1000000"])
-    started = time.perf_counter()
-    metrics = train_in_process(spec, torch.device("cpu"))
-    return {"acc": metrics["eval/acc"], "seconds": time.perf_counter() - started}
+def run_one(method: str, seed: int, extra: list[str] = ()) -> dict[str, float]:
+    result = train_file(FILES[method], seed, extra)
+    return {"acc": result["acc"], "loss": result["loss"], "seconds": result["seconds"]}
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
@@ -52,9 +49,20 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--select", action="store_true", help="score GRID on the validation split instead")
+    parser.add_argument("--select-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cone_digits"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     check_same_budget(FILES, SAME_BUDGET)
+    if args.select:
+        scores = select_on_validation(GRID, args.select_seeds, run_one)
+        markdown = selection_table(scores)
+        publish(f"{args.out}_selection", markdown, args.select_seeds, scores, {"seeds": args.select_seeds},
+                {f"{m}/best_val_acc": rows[0]["acc"] for m, rows in scores.items()})
+        print(markdown)
+        return
 
     results: dict[str, list[dict[str, float]]] = {m: [] for m in FILES}
     for seed in args.seeds:
