@@ -1,11 +1,14 @@
-"""PRCL against supervised-only on the generated segmentation shapes with few labels (20 labeled images of 2000),
-the same network, data, schedule and EMA evaluation, several seeds. Measures, does not assert.
+"""PRCL against supervised-only on the generated segmentation shapes with few labels, the same network, data,
+schedule and EMA evaluation, several seeds, and the supervised ceiling with (nearly) every training image labeled.
+Measures, does not assert.
 
-    .venv/bin/python benchmarks/prcl_synthetic.py [--seeds 0 1 2] [--steps 600]
+    .venv/bin/python benchmarks/prcl_synthetic.py [--seeds 0 1 2] [--ceiling-seeds 0] [--split test] [--threads 1]
 
-Each row runs its shipped experiment file (experiments/prcl/shapes_cpu.yaml and shapes_cpu_supervised.yaml)
-through the orchestrator's step loop in this process (no Ray, one rank). Writes
-benchmarks/results/prcl_synthetic.{md,json} and logs one MLflow run (experiment `benchmarks`).
+Each row runs its shipped experiment file (experiments/prcl/shapes_cpu.yaml, shapes_cpu_supervised.yaml and
+shapes_cpu_all_labels.yaml) through the orchestrator's step loop in this process (no Ray, one rank, `--threads`
+torch threads). `--split val` evaluates on held-out generated images instead of the test images (for choosing
+hyperparameters; `--out` then names another file). Writes benchmarks/results/prcl_synthetic.{md,json} and logs
+one MLflow run (experiment `benchmarks`).
 """
 
 from __future__ import annotations
@@ -22,26 +25,32 @@ from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = {"supervised-only": REPO / "experiments" / "prcl" / "shapes_cpu_supervised.yaml",
+CEILING = "supervised-only all labels"
+FILES = {CEILING: REPO / "experiments" / "prcl" / "shapes_cpu_all_labels.yaml",
+         "supervised-only": REPO / "experiments" / "prcl" / "shapes_cpu_supervised.yaml",
          "PRCL": REPO / "experiments" / "prcl" / "shapes_cpu.yaml"}
-SAME_BUDGET = ("optim", "data", "config.backbone", "config.aspp_dim", "config.head_dim")
+SAME_BUDGET = ("optim", "data.dataset", "data.synthetic_per_class", "data.image_size", "data.shapes_classes",
+               "data.shapes_radius", "data.shapes_per_image", "data.shapes_textured", "data.unlabeled_ratio",
+               "data.num_labeled", "config.backbone", "config.aspp_dim", "config.low_level_dim", "config.head_dim",
+               "config.rep_dim", "config.lr", "config.uncertainty_lr")
 
 
-def run_one(name: str, seed: int, steps: int) -> dict[str, float]:
-    spec = spec_mod.load(FILES[name], [f"seed={seed}", "resources.workers=1", "eval.every=null",
-                                       f"optim.steps={steps}", f"config.ramp_steps={steps}",
-                                       "checkpoint.every=1000000"])
+def run_one(name: str, seed: int, split: str) -> dict[str, float]:
+    spec = spec_mod.load(FILES[name], [f"seed={seed}", f"data.eval_on={split}", "resources.workers=1",
+                                       "eval.every=null", "checkpoint.every=1000000"])
     started = time.perf_counter()
     metrics = train_in_process(spec, torch.device("cpu"))
-    return {"miou": metrics["eval/miou"], "background_iou": metrics["eval/iou000"],
-            "seconds": time.perf_counter() - started}
+    ious = {key.removeprefix("eval/"): value for key, value in metrics.items() if key.startswith("eval/iou")}
+    return {"miou": metrics["eval/miou"], **ious, "seconds": time.perf_counter() - started}
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
-    lines = ["| method | mIoU (mean ± std, per seed) | background IoU | seconds per run |", "|---|---|---|---|"]
+    lines = ["| method | labeled images | mIoU (mean ± std, per seed) | background IoU | seconds per run |",
+             "|---|---|---|---|---|"]
     for name, runs in results.items():
-        lines.append(f"| {name} | {mean_std([r['miou'] for r in runs])} | "
-                     f"{mean_std([r['background_iou'] for r in runs], per_seed=False)} | "
+        labeled = spec_mod.load(FILES[name]).data.num_labeled
+        lines.append(f"| {name} | {labeled} | {mean_std([r['miou'] for r in runs])} | "
+                     f"{mean_std([r['iou000'] for r in runs], per_seed=False)} | "
                      f"{statistics.mean(r['seconds'] for r in runs):.0f} |")
     return "\n".join(lines)
 
@@ -49,18 +58,23 @@ def table(results: dict[str, list[dict[str, float]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--ceiling-seeds", type=int, nargs="+", default=[0], help="seeds of the all-labels row")
+    parser.add_argument("--split", choices=["test", "val"], default="test")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prcl_synthetic"))
     args = parser.parse_args()
-    check_same_budget(FILES, SAME_BUDGET)
+    torch.set_num_threads(args.threads)
+    check_same_budget(FILES, SAME_BUDGET, exempt={"data.num_labeled": CEILING})
+    seeds = {name: args.ceiling_seeds if name == CEILING else args.seeds for name in FILES}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in FILES}
-    for seed in args.seeds:
-        for name in FILES:
-            results[name].append(run_one(name, seed, args.steps))
-            print(name, seed, results[name][-1], flush=True)
+    for name in FILES:
+        for seed in seeds[name]:
+            results[name].append(run_one(name, seed, args.split))
+            print(name, seed, {k: round(v, 3) for k, v in results[name][-1].items()}, flush=True)
     markdown = table(results)
     print(markdown)
-    publish(args.out, markdown, args.seeds, results, {"seeds": args.seeds, "steps": args.steps},
+    publish(args.out, markdown, args.seeds, results, {"seeds": args.seeds, "ceiling_seeds": args.ceiling_seeds,
+                                                      "split": args.split, "threads": args.threads},
             seed_metrics(results, "miou"))
 
 

@@ -80,7 +80,8 @@ class DataSpec(_Strict):
     imbalance_factor: float | None = Field(default=None, ge=1)  # long tail: n_c = n_max * IF ** (-c / (C - 1))
     # a validation split: val_per_class images of each class held out of the train set before anything else (long
     # tail, labeled subset, generated fill), drawn from the seed; eval_on: val evaluates on them instead of the test
-    # set (choose hyperparameters with it, then report the test set once with the same val_per_class)
+    # set (choose hyperparameters with it, then report the test set once with the same val_per_class). shapes_seg
+    # has its own validation images (below)
     val_per_class: int | None = Field(default=None, gt=0, le=MAX_BATCH)
     eval_on: Literal["test", "val"] = "test"
     # None: the method's views
@@ -117,6 +118,12 @@ class DataSpec(_Strict):
     crop_size: int | None = Field(default=None, gt=0, le=2**16)  # training crops are crop_size x crop_size
     scale_range: tuple[float, float] | None = None  # random rescale of training images before the crop
     eval_size: tuple[int, int] | None = None  # (H, W): test images shrink to fit, then are padded to it
+    # shapes_seg only: the generated shapes' difficulty (the defaults: all ten shapes, radii 0.12-0.25 of the side,
+    # 1-3 shapes an image, textured backgrounds); its eval_on: val scores held-out images of generator seed 2
+    shapes_classes: int = Field(default=10, ge=1, le=10)  # the first k of the ten shapes (1 + k classes)
+    shapes_radius: tuple[float, float] = (0.12, 0.25)
+    shapes_per_image: int = Field(default=3, ge=1, le=16)
+    shapes_textured: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
@@ -135,16 +142,22 @@ class DataSpec(_Strict):
         return self
 
     def _check_validation(self) -> None:
-        if self.eval_on == "val" and self.val_per_class is None:
-            raise ValueError("eval_on: val needs a validation split: set data.val_per_class")
+        if self.eval_on == "val" and self.val_per_class is None and self.dataset != "shapes_seg":
+            raise ValueError("eval_on: val needs a validation split: set data.val_per_class (shapes_seg needs none: "
+                             "it scores held-out generated images)")
         if self.val_per_class is not None and self.dataset in NO_VALIDATION_SPLIT:
             raise ValueError(f"val_per_class: dataset {self.dataset!r} has no classes to hold out per class "
                              f"(only the image classification datasets have a validation split)")
 
     def _check_segmentation(self) -> None:
-        """The segmentation keys only with a segmentation dataset, and the classification keys that mean nothing
-        there (labeled_per_class; image_size but for shapes_seg) not with one."""
+        """The segmentation keys only with a segmentation dataset (the shapes_* keys: shapes_seg), and
+        the classification keys that mean nothing there (labeled_per_class; image_size but for shapes_seg) not with
+        one."""
         keys = ("labeled_list", "num_labeled", "crop_size", "scale_range", "eval_size")
+        shapes = [key for key in ("shapes_classes", "shapes_radius", "shapes_per_image", "shapes_textured")
+                  if getattr(self, key) != type(self).model_fields[key].default]
+        if shapes and self.dataset != "shapes_seg":
+            raise ValueError(f"{', '.join(shapes)} with dataset shapes_seg only")
         if self.dataset not in SEGMENTATION_DATASETS:
             found = [key for key in keys if getattr(self, key) is not None]
             if found:
@@ -159,6 +172,8 @@ class DataSpec(_Strict):
             raise ValueError(f"scale_range (low, high) with 0 < low <= high, found {list(self.scale_range)}")
         if self.eval_size is not None and min(self.eval_size) <= 0:
             raise ValueError(f"eval_size (H, W) of positive sides, found {list(self.eval_size)}")
+        if not 0 < self.shapes_radius[0] <= self.shapes_radius[1] <= 0.5:
+            raise ValueError(f"shapes_radius (low, high) with 0 < low <= high <= 0.5, found {list(self.shapes_radius)}")
 
 
 class OptimSpec(_Strict):

@@ -227,6 +227,35 @@ def test_shapes_seg_is_deterministic_and_its_masks_match_its_shapes():
                 assert np.abs(background - centre).max(0).min() > 0.1 * 255  # no background pixel has its colour
 
 
+
+def test_shapes_seg_difficulty_knobs_draw_the_documented_shapes():
+    images, masks = shapes_seg(4, seed=0, size=32, num_shapes=3, radius=(0.3, 0.3), max_shapes=1, textured=False)
+    assert images.shape == (12, 3, 32, 32) and np.array_equal(images, shapes_seg(
+        4, seed=0, size=32, num_shapes=3, radius=(0.3, 0.3), max_shapes=1, textured=False)[0])
+    assert [set(np.unique(m).tolist()) for m in masks] == [{0, 1 + i // 4} for i in range(12)]  # one shape each
+    circles = (masks[:4] == 1).sum((1, 2))  # a circle of radius 0.3 * 32 px, whole (centres 0.2-0.8: may be cut)
+    assert (circles <= np.pi * 9.6**2 * 1.05).all() and circles.max() > np.pi * 9.6**2 * 0.9
+    flat = [image[:, mask == 0].astype(float).std(1).max() for image, mask in zip(images, masks)]
+    textured_images, textured_masks = shapes_seg(4, seed=0, size=32, num_shapes=3, radius=(0.3, 0.3), max_shapes=1)
+    textured = [image[:, mask == 0].astype(float).std(1).max() for image, mask in zip(textured_images, textured_masks)]
+    assert max(flat) < 0.06 * 255 < np.median(textured)  # flat: only the 0.04 + 0.02 pixel noise
+
+
+def test_shapes_seg_spec_knobs_and_the_validation_split():
+    spec = DataSpec(dataset="shapes_seg", synthetic_per_class=4, image_size=24, num_labeled=4, shapes_classes=2,
+                    shapes_radius=(0.2, 0.3), shapes_per_image=2, shapes_textured=False)
+    test = build_data(spec, seed=0, views="segmentation")
+    val = build_data(DataSpec(**{**spec.model_dump(), "eval_on": "val"}), seed=0, views="segmentation")
+    assert test.info.num_classes == val.info.num_classes == 3 and test.info.num_train == 8 and len(val.test) == 2
+    assert int(max(val.test[i]["y"].max() for i in range(2))) == 2
+    assert not torch.equal(test.test[0]["x"], val.test[0]["x"])
+    with pytest.raises(ValidationError, match="shapes_classes with dataset shapes_seg only"):
+        DataSpec(dataset="digits", shapes_classes=4)
+    with pytest.raises(ValidationError, match="eval_on: val needs a validation split"):
+        DataSpec(dataset="voc", root="/x", eval_on="val")
+    with pytest.raises(ValidationError, match="shapes_radius"):
+        DataSpec(dataset="shapes_seg", shapes_radius=(0.3, 0.2))
+
 def test_shapes_seg_build_data_items_and_epochs():
     spec = DataSpec(dataset="shapes_seg", synthetic_per_class=4, image_size=24, num_labeled=8, unlabeled_ratio=3)
     bundle = build_data(spec, seed=0, views="segmentation")

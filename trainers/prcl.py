@@ -71,6 +71,14 @@ Deviations from the official code, with reasons:
 5. When fewer than two classes are present L_prcl is 0 * (sum mu + sum sigma^2) (official: a constant 0, with this
    trick commented out "for DDP"): every parameter stays in the graph, as DDP requires.
 6. The evaluation uses info.num_classes (official `test()` hard-codes 21).
+7. lambda_c is recomputed at every optimizer step from t / T with T = ramp_steps; the official RampdownScheduler
+   steps once per epoch (`sche_d.step()` after each epoch's loop; the loop reads `sche_d.value` at every iteration),
+   so there lambda_c is the constant exp(-5 (e / 200)^2) throughout epoch e = 0..199 (from 1 to 0.0071; its 0 from
+   epoch 200 on is never reached). The orchestrator is step-based and a method does not know the steps per epoch;
+   with ramp_steps = 200 x steps per epoch the two agree at the first step of every epoch, and within epoch e this
+   one lies between the official values of epochs e and e + 1 (last step: exp(-5 (1 - 1/T)^2) ~ 0.0067).
+   Likewise the official PolyLR (power 0.9, floor 1e-6) steps once per epoch; `optim.schedule: poly` steps per
+   optimizer step, without the floor.
 """
 
 from __future__ import annotations
@@ -123,7 +131,7 @@ class Config:
     temp: float = 100.0
     num_queries: int = 256  # anchors per class
     num_negatives: int = 512  # negatives per anchor
-    ramp_steps: int = 200_000  # T of lambda_c: 200 epochs of ~1000 steps (2000 labeled images at batch 2)
+    ramp_steps: int = 200_000  # T of lambda_c: 200 epochs of ~1000 steps (prcl_sig.py: 2000 labeled crops at batch 2)
     lr: float = 3.2e-3  # the network's lr: set optim.lr to it
     uncertainty_lr: float = 5e-5  # the uncertainty head's lr ("very sensitive", README)
     unsup_weight: float = 1.0  # weight of L_unsup (0, with prcl_weight 0: the supervised-only baseline)

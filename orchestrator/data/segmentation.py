@@ -40,7 +40,8 @@ VOC_CLASSES = 21
 CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                         26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 SHAPES_SEG_SIZE = 64  # shapes_seg's image side when data.image_size is unset
-MAX_SHAPES = 3  # shapes per generated image
+MAX_SHAPES = 3  # most shapes in a generated image by default (data.shapes_per_image)
+SHAPES_SEG_SEEDS = {"test": 1, "val": 2}  # generator seed of shapes_seg's evaluated images (training: 0)
 
 
 class Masks(Protocol):
@@ -308,42 +309,49 @@ def _cityscapes_split(root: Path, split: str, lut: np.ndarray) -> tuple[list[Pat
 
 
 def _shapes_seg(spec: DataSpec) -> SegSource:
-    """Generated shapes (`shapes_seg`): synthetic_per_class train images led by each shape (generator seed 0),
-    a quarter as many test images (seed 1), image_size px (default 64); 1 + 10 classes, 0 = background."""
+    """Generated shapes (`shapes_seg`): synthetic_per_class train images led by each of the shapes_classes shapes
+    (generator seed 0), a quarter as many test images (seed 1; eval_on "val": held-out images of seed 2 instead),
+    image_size px (default 64); 1 + shapes_classes classes, 0 = background."""
     size = spec.image_size or SHAPES_SEG_SIZE
-    train_images, train_masks = shapes_seg(spec.synthetic_per_class, seed=0, size=size)
-    test_images, test_masks = shapes_seg(max(1, spec.synthetic_per_class // 4), seed=1, size=size)
+    shape = {"size": size, "num_shapes": spec.shapes_classes, "radius": spec.shapes_radius,
+             "max_shapes": spec.shapes_per_image, "textured": spec.shapes_textured}
+    train_images, train_masks = shapes_seg(spec.synthetic_per_class, seed=0, **shape)
+    test_seed = SHAPES_SEG_SEEDS[spec.eval_on]
+    test_images, test_masks = shapes_seg(max(1, spec.synthetic_per_class // 4), seed=test_seed, **shape)
     values = torch.from_numpy(train_images).float().div(255).transpose(0, 1).flatten(1)  # (3, N*S*S)
     mean, std = tuple(values.mean(1).tolist()), tuple(values.std(1).tolist())
     return SegSource(TensorImages(torch.from_numpy(train_images)), TensorMasks(torch.from_numpy(train_masks)),
                      [f"{i:06d}" for i in range(len(train_images))], TensorImages(torch.from_numpy(test_images)),
-                     TensorMasks(torch.from_numpy(test_masks)), 1 + len(SHAPES), mean, std,
+                     TensorMasks(torch.from_numpy(test_masks)), 1 + spec.shapes_classes, mean, std,
                      SegDefaults((0.5, 1.5), size, (size, size)))
 
 
-def shapes_seg(per_class: int, seed: int, size: int = SHAPES_SEG_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 (N,3,size,size) and masks uint8 (N,size,size), N = 10 * per_class, from the seed alone.
+def shapes_seg(per_class: int, seed: int, size: int = SHAPES_SEG_SIZE, num_shapes: int = len(SHAPES),
+               radius: tuple[float, float] = (0.12, 0.25), max_shapes: int = MAX_SHAPES, textured: bool = True
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 (N,3,size,size) and masks uint8 (N,size,size), N = num_shapes * per_class, from the seed alone.
 
-    Image i holds 1..3 shapes of synthetic.py (circle, square, ...): the first of class i // per_class, the others
-    drawn at random and painted over it; the mask holds 1 + the shape's index in SHAPES, 0 for the background.
-    The background is textured (a colour ramp plus stripes and noise); each shape takes its own flat colour, far
-    from the background's.
+    Image i holds 1..max_shapes shapes among the first num_shapes of synthetic.py's (circle, square, triangle,
+    cross, ...), each of radius uniform in `radius` (a fraction of the side): the first of class i // per_class,
+    the others drawn at random and painted over it; the mask holds 1 + the shape's index in SHAPES, 0 for the
+    background. The background is textured (a colour ramp plus stripes and noise; `textured` False: a flat colour
+    plus the noise); each shape takes its own flat colour, far from the background's.
     """
     rng = np.random.Generator(np.random.PCG64(seed))
-    n = per_class * len(SHAPES)
-    classes = rng.integers(0, len(SHAPES), (n, MAX_SHAPES))
-    classes[:, 0] = np.repeat(np.arange(len(SHAPES)), per_class)
-    count = rng.integers(1, MAX_SHAPES + 1, n)  # (N,) shapes in each image
-    centre = rng.uniform(0.2, 0.8, (n, MAX_SHAPES, 2, 1, 1)).astype(np.float32)
-    radius = rng.uniform(0.12, 0.25, (n, MAX_SHAPES, 1, 1)).astype(np.float32)
+    n = per_class * num_shapes
+    classes = rng.integers(0, num_shapes, (n, max_shapes))
+    classes[:, 0] = np.repeat(np.arange(num_shapes), per_class)
+    count = rng.integers(1, max_shapes + 1, n)  # (N,) shapes in each image
+    centre = rng.uniform(0.2, 0.8, (n, max_shapes, 2, 1, 1)).astype(np.float32)
+    radii = rng.uniform(*radius, (n, max_shapes, 1, 1)).astype(np.float32)
     grid = ((np.arange(size) + 0.5) / size).astype(np.float32)  # pixel centres in (0, 1)
     y, x = grid[None, :, None], grid[None, None, :]  # (1,S,1), (1,1,S)
-    images, colours = _texture(rng, n, x, y)  # (N,3,S,S), (N,K,3,1,1)
+    images, colours = _texture(rng, n, max_shapes, x, y, textured)  # (N,3,S,S), (N,K,3,1,1)
     mask = np.zeros((n, size, size), dtype=np.uint8)
-    for k in range(MAX_SHAPES):
-        dx, dy = (x - centre[:, k, 0]) / radius[:, k], (y - centre[:, k, 1]) / radius[:, k]  # (N,S,S)
+    for k in range(max_shapes):
+        dx, dy = (x - centre[:, k, 0]) / radii[:, k], (y - centre[:, k, 1]) / radii[:, k]  # (N,S,S)
         inside = np.zeros((n, size, size), dtype=bool)
-        for c, test in enumerate(SHAPES.values()):
+        for c, test in enumerate(list(SHAPES.values())[:num_shapes]):
             rows = np.flatnonzero((count > k) & (classes[:, k] == c))
             inside[rows] = test(dx[rows], dy[rows])
         mask = np.where(inside, classes[:, k, None, None] + 1, mask).astype(np.uint8)
@@ -352,16 +360,17 @@ def shapes_seg(per_class: int, seed: int, size: int = SHAPES_SEG_SIZE) -> tuple[
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8), mask
 
 
-def _texture(rng: np.random.Generator, n: int, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _texture(rng: np.random.Generator, n: int, k: int, x: np.ndarray, y: np.ndarray, textured: bool
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Backgrounds (N,3,S,S): a base colour ramped along one direction (by up to 0.07 either way), with stripes of
-    random frequency and direction (amplitude 0.06) and pixel noise (0.04); and MAX_SHAPES shape colours
-    (N,K,3,1,1), each 0.35-0.6 from the base colour in every channel."""
+    random frequency and direction (amplitude 0.06) (neither when not `textured`; the same draws either way) and
+    pixel noise (0.04); and k shape colours (N,k,3,1,1), each 0.35-0.6 from the base colour in every channel."""
     base = rng.uniform(0.15, 0.85, (n, 3, 1, 1))
     ramp_angle, stripe_angle = rng.uniform(0, 2 * np.pi, (2, n, 1, 1, 1))
     ramp = ((x - 0.5) * np.cos(ramp_angle) + (y - 0.5) * np.sin(ramp_angle)) * rng.uniform(-0.14, 0.14, (n, 3, 1, 1))
     phase = 2 * np.pi * rng.uniform(2, 6, (n, 1, 1, 1)) * (x * np.cos(stripe_angle) + y * np.sin(stripe_angle))
-    background = base + ramp + 0.06 * np.sin(phase) + rng.normal(0, 0.04, (n, 3, x.shape[-1], x.shape[-1]))
-    offset = rng.uniform(0.35, 0.6, (n, MAX_SHAPES, 3, 1, 1))
+    background = base + textured * (ramp + 0.06 * np.sin(phase)) + rng.normal(0, 0.04, (n, 3, x.shape[-1], x.shape[-1]))
+    offset = rng.uniform(0.35, 0.6, (n, k, 3, 1, 1))
     return background, np.where(base[:, None] > 0.5, base[:, None] - offset, base[:, None] + offset)
 
 
