@@ -24,10 +24,11 @@ def check_same_budget(files: dict[str, Path], keys: tuple[str, ...], exempt: dic
             raise SystemExit(f"not the same budget: {dotted} differs: {values}")
 
 
-def train_file(path: Path, seed: int, extra: list[str] = ()) -> dict[str, float]:
+def train_file(path: Path, seed: int, extra: list[str] = (), checkpoint_root: Path | None = None
+               ) -> dict[str, float]:
     """One run of an experiment file through the orchestrator's step loop in this process (no Ray, one rank, no
-    intermediate evaluation or checkpoint), `extra` as --set overrides: its final eval metrics without the "eval/"
-    prefix, and "seconds"."""
+    intermediate evaluation or checkpoint; the final checkpoint goes to `checkpoint_root` when given), `extra` as
+    --set overrides: its final metrics, eval ones without the "eval/" prefix, and "seconds"."""
     import torch
 
     from orchestrator.launch import train_in_process
@@ -35,7 +36,7 @@ def train_file(path: Path, seed: int, extra: list[str] = ()) -> dict[str, float]
     spec = spec_mod.load(path, [f"seed={seed}", "resources.workers=1", "eval.every=null", "checkpoint.every=1000000",
                                 *extra])
     started = time.perf_counter()
-    metrics = train_in_process(spec, torch.device("cpu"))
+    metrics = train_in_process(spec, torch.device("cpu"), checkpoint_root=checkpoint_root)
     return {k.removeprefix("eval/"): v for k, v in metrics.items()} | {"seconds": time.perf_counter() - started}
 
 
@@ -77,6 +78,16 @@ def selection_table(scores: dict[str, list[dict]]) -> str:
             lines.append(f"| {row} | {setting} | {cell} | {r['loss']:.3f} | "
                          f"{', '.join(f'{a:.3f}' for a in r['per_seed'])} |")
     return "\n".join(lines)
+
+
+def publish_selection(out: str | Path, grids: dict[str, dict[str, list]], seeds: list[int],
+                      run: Callable[[str, int, list[str]], dict[str, float]]) -> None:
+    """`select_on_validation`, its table printed and published as `out`_selection.{md,json} (and an MLflow run)."""
+    scores = select_on_validation(grids, seeds, run)
+    markdown = selection_table(scores)
+    publish(f"{out}_selection", markdown, seeds, scores, {"seeds": seeds},
+            {f"{row}/best_val_acc": scored[0]["acc"] for row, scored in scores.items()})
+    print(markdown)
 
 
 def _get(tree: dict, dotted: str) -> object:

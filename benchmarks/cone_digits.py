@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from budget import check_same_budget, publish, seed_metrics, select_on_validation, selection_table, train_file
+from budget import check_same_budget, publish, publish_selection, seed_metrics, train_file
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = {
@@ -57,11 +57,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     check_same_budget(FILES, SAME_BUDGET)
     if args.select:
-        scores = select_on_validation(GRID, args.select_seeds, run_one)
-        markdown = selection_table(scores)
-        publish(f"{args.out}_selection", markdown, args.select_seeds, scores, {"seeds": args.select_seeds},
-                {f"{m}/best_val_acc": rows[0]["acc"] for m, rows in scores.items()})
-        print(markdown)
+        publish_selection(args.out, GRID, args.select_seeds, run_one)
         return
 
     results: dict[str, list[dict[str, float]]] = {m: [] for m in FILES}

@@ -20,44 +20,37 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from budget import mean_std, publish, seed_metrics
+from budget import mean_std, publish, seed_metrics, train_file
 
 from orchestrator import spec as spec_mod
-from orchestrator.launch import train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "experiments" / "supervised" / "digits_teacher.yaml"
 STUDENT = REPO / "experiments" / "supervised" / "digits_student_100_steps.yaml"
 DIFFKD = REPO / "experiments" / "diffkd" / "digits_100_steps.yaml"
 VAL_PER_CLASS = 30  # held out of every training pool, as in STUDENT and DIFFKD (about 135 train images per digit)
-ONE_PROCESS = ["resources.workers=1", "eval.every=null"]
-NO_CHECKPOINTS = ["checkpoint.every=1000000"]
 PLAIN_KD = ["config.diffusion=false", "config.kd_weight=1.0"]  # Hinton KD at its usual weight (DiffKD's: 0.3)
 ROWS = ("teacher", "student alone", "plain KD", "DiffKD")
 
 
-def run(path: Path, overrides: list[str], checkpoint_root: Path | None = None) -> dict[str, float]:
+def run(path: Path, seed: int, overrides: list[str], checkpoint_root: Path | None = None) -> dict[str, float]:
     """One experiment file in this process; its final accuracy and the seconds it took."""
-    spec = spec_mod.load(path, [*overrides, *ONE_PROCESS])
-    started = time.perf_counter()
-    metrics = train_in_process(spec, torch.device("cpu"), checkpoint_root=checkpoint_root)
-    return {"acc": metrics["eval/acc"], "seconds": time.perf_counter() - started}
+    metrics = train_file(path, seed, overrides, checkpoint_root)
+    return {"acc": metrics["acc"], "seconds": metrics["seconds"]}
 
 
 def one_seed(seed: int, data: list[str]) -> dict[str, dict[str, float]]:
     """The four rows of one seed, the teacher trained with that seed; `data`: the validation overrides."""
     with tempfile.TemporaryDirectory() as root:
-        results = {"teacher": run(TEACHER, [f"seed={seed}", *data], Path(root))}
+        results = {"teacher": run(TEACHER, seed, data, Path(root))}
         checkpoint = Path(root) / f"checkpoint_{spec_mod.load(TEACHER).optim.steps:09d}"
-        student = [f"seed={seed}", *data, *NO_CHECKPOINTS]
-        distill = [*student, f'config.teacher_from="{checkpoint}"']
-        results["student alone"] = run(STUDENT, student)
-        results["plain KD"] = run(DIFFKD, [*distill, *PLAIN_KD])
-        results["DiffKD"] = run(DIFFKD, distill)
+        distill = [*data, f'config.teacher_from="{checkpoint}"']
+        results["student alone"] = run(STUDENT, seed, data)
+        results["plain KD"] = run(DIFFKD, seed, [*distill, *PLAIN_KD])
+        results["DiffKD"] = run(DIFFKD, seed, distill)
     return results
 
 

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from budget import check_same_budget, mean_std, publish, seed_metrics
+from budget import check_same_budget, mean_std, publish, seed_metrics, train_file
 
 from orchestrator import spec as spec_mod
-from orchestrator.launch import train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 CEILING = "supervised-only all labels"
@@ -36,12 +34,8 @@ SAME_BUDGET = ("optim", "data.dataset", "data.synthetic_per_class", "data.image_
 
 
 def run_one(name: str, seed: int, split: str) -> dict[str, float]:
-    spec = spec_mod.load(FILES[name], [f"seed={seed}", f"data.eval_on={split}", "resources.workers=1",
-                                       "eval.every=null", "checkpoint.every=1000000"])
-    started = time.perf_counter()
-    metrics = train_in_process(spec, torch.device("cpu"))
-    ious = {key.removeprefix("eval/"): value for key, value in metrics.items() if key.startswith("eval/iou")}
-    return {"miou": metrics["eval/miou"], **ious, "seconds": time.perf_counter() - started}
+    metrics = train_file(FILES[name], seed, [f"data.eval_on={split}"])
+    return {key: value for key, value in metrics.items() if key in ("miou", "seconds") or key.startswith("iou")}
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:

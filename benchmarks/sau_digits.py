@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from budget import check_same_budget, mean_std, publish, seed_metrics
+from budget import check_same_budget, mean_std, publish, seed_metrics, train_file
 from torch import nn
 
 from orchestrator import spec as spec_mod
@@ -95,14 +95,11 @@ def off_class(judge: nn.Module, folder: Path) -> dict[str, float]:
 
 
 def run_row(file: Path, overrides: list[str], seed: int, folder: Path) -> dict[str, float]:
-    overrides = [f"seed={seed}", *ONE_PROCESS, *overrides]
     if spec_mod.load(file).data.generated:
-        overrides.append(f'data.generated="{folder}"')
-    spec = spec_mod.load(file, overrides)
-    started = time.perf_counter()
-    metrics = train_in_process(spec, torch.device("cpu"))
-    row = {"acc": metrics["eval/acc"], "seconds": time.perf_counter() - started}
-    row.update({g: metrics[f"eval/{g}_acc"] for g in GROUPS if f"eval/{g}_acc" in metrics})
+        overrides = [*overrides, f'data.generated="{folder}"']
+    metrics = train_file(file, seed, overrides)
+    row = {"acc": metrics["acc"], "seconds": metrics["seconds"]}
+    row.update({g: metrics[f"{g}_acc"] for g in GROUPS if f"{g}_acc" in metrics})
     if "train/noisy_fraction" in metrics:
         row["noisy_fraction_last_step"] = metrics["train/noisy_fraction"]
     return row

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from budget import check_same_budget, mean_std, publish, select_on_validation, selection_table
+from budget import check_same_budget, mean_std, publish_selection
 
 from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
@@ -98,12 +98,8 @@ def main() -> None:
     check_same_budget({**FILES, "probe": PROBE}, ("data.val_per_class",))
     check_same_budget(FILES, SAME_BUDGET)
     if args.select:
-        scores = select_on_validation({m: GRID[m] for m in args.methods if m in GRID}, args.select_seeds,
-                                      pretrain_and_probe)
-        markdown = selection_table(scores)
-        publish(f"{args.out}_selection", markdown, args.select_seeds, scores, {"seeds": args.select_seeds},
-                {f"{m}/best_val_acc": rows[0]["acc"] for m, rows in scores.items()})
-        print(markdown)
+        grids = {m: GRID[m] for m in args.methods if m in GRID}
+        publish_selection(args.out, grids, args.select_seeds, pretrain_and_probe)
         return
 
     results: dict[str, list[dict[str, float]]] = {"random init": []}

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from budget import check_same_budget, publish, seed_metrics, select_on_validation, selection_table, train_file
+from budget import check_same_budget, publish, publish_selection, seed_metrics, train_file
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = {
@@ -68,11 +68,8 @@ def main() -> None:
     check_same_budget({m: FILES[m] for m in args.methods}, SAME_BUDGET,
                       exempt={"data.unlabeled_ratio": "supervised"})  # the baseline reads no unlabeled data
     if args.select:
-        scores = select_on_validation({m: GRID[m] for m in args.methods if m in GRID}, args.select_seeds, run_one)
-        markdown = selection_table(scores)
-        publish(f"{args.out}_selection", markdown, args.select_seeds, scores, {"seeds": args.select_seeds},
-                {f"{m}/best_val_acc": rows[0]["acc"] for m, rows in scores.items()})
-        print(markdown)
+        publish_selection(args.out, {m: GRID[m] for m in args.methods if m in GRID}, args.select_seeds,
+                          run_one)
         return
 
     results = {m: [] for m in args.methods}
