@@ -3,6 +3,7 @@ formulation), the prototype bank, many/medium/few evaluation, one tiny step."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -322,6 +323,25 @@ def test_a_zero_weight_removes_its_branch_from_the_loss_and_keeps_every_gradient
     assert loss.item() == pytest.approx(metrics[kept].item(), rel=1e-6)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_the_ce_classifier_ablation_trains_the_fc_by_plain_cross_entropy_on_view_1():
+    """classifier_loss "ce" (SAU without its synthetic-unaware branch): L_mix's place is taken by the hard-label CE
+    of the fc on view 1, computed here by hand from the same weights; L_SCL is the default's."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(sau.TINY, classifier_loss="ce")
+    sau.check(cfg)
+    model, batch = sau.build(cfg, tiny_info()), tiny_batch()
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)
+    loss, metrics = sau.train_step(model, batch, cfg, 0)
+    expected = F.cross_entropy(reference.encoder(batch["x1"]), batch["y"])
+    assert metrics["loss_mix"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(metrics["loss_mix"].item() + metrics["loss_scl"].item(), rel=1e-6)
+    loss.backward()
+    assert model.encoder.head.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="classifier_loss"):
+        sau.check(dataclasses.replace(sau.TINY, classifier_loss="mixup"))
 
 
 @pytest.mark.parametrize("strategy", sau.STRATEGIES)

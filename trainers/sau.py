@@ -31,6 +31,7 @@ Paper symbol -> Config field:
     L_mix : L_SCL = 1 : 1                        -> lambda_mix, lambda_scl
     noisy-sample strategy                        -> strategy
     (ablation, not in the paper) label correction off: every synthetic image trusted -> label_correction (False)
+    (ablation, not in the paper) the fc trained by plain CE on view 1 in L_mix's place -> classifier_loss ("ce")
 The optimizer is the experiment's `optim:` block (official: SGD momentum 0.9, lr 0.01, wd 5e-3, batch 128, 200 epochs
 cosine). As in the official code weight decay applies to every parameter, BN and biases included (`param_groups`).
 
@@ -76,6 +77,9 @@ Differences from the official code, with reasons:
 - Under the orchestrator's bf16 autocast the networks run in bf16; the losses and the cosine search run in fp32.
 - `label_correction` False (an ablation switch, not official) marks no synthetic image noisy. `lambda_mix` or
   `lambda_scl` 0 weights a branch out but still computes it: every parameter keeps a gradient (zeros), as DDP needs.
+  `lambda_mix` 0 leaves the fc untrained (it learns only from L_mix, as official), so the ablation of the
+  synthetic-unaware branch is `classifier_loss: ce` (also not official): the fc learns by CE on view 1 with hard
+  labels, without mixup or cutmix, and L_SCL is unchanged.
 - `acc` (a diagnostic, not in the official log): the fc's accuracy on view 1, from one more forward pass under
   no_grad in eval mode, so it changes no BN statistics (about 8% more compute per step).
 - `noisy_fraction`: the share of the batch's synthetic images marked noisy (0 when the batch has none);
@@ -99,6 +103,7 @@ from trainers._common.long_tail import shot_summary, shot_sums
 from trainers.wcl import projection_head
 
 STRATEGIES = ("pos_neg", "neg_only", "drop")
+CLASSIFIER_LOSSES = ("mix", "ce")
 
 
 @dataclass
@@ -114,6 +119,7 @@ class Config:
     lambda_scl: float = 1.0  # weight of L_SCL (synthetic-aware branch)
     strategy: Literal["pos_neg", "neg_only", "drop"] = "pos_neg"  # noisy synthetic images (official argparse default)
     label_correction: bool = True  # False: no synthetic image is noisy (ablation; the official code always corrects)
+    classifier_loss: Literal["mix", "ce"] = "mix"  # "ce": the fc learns by plain CE on view 1 (ablation, not official)
 
 
 TINY = Config(arch="small_cnn", hidden_dim=32, out_dim=16)
@@ -144,6 +150,8 @@ def build(cfg: Config, info: DataInfo) -> nn.Module:
 
 def check(cfg: Config) -> None:
     check_arch(cfg.arch)
+    if cfg.classifier_loss not in CLASSIFIER_LOSSES:
+        raise ConfigError("classifier_loss", f"one of {', '.join(CLASSIFIER_LOSSES)}", cfg.classifier_loss)
     if cfg.strategy not in STRATEGIES:
         raise ConfigError("strategy", f"one of {', '.join(STRATEGIES)}", cfg.strategy)
     for field in ("lambda_mix", "lambda_scl"):
@@ -322,7 +330,10 @@ def view1_accuracy(model: SAU, x1: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 def train_step(model: SAU, batch: Batch, cfg: Config, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     x1, y, is_syn = batch["x1"], batch["y"], batch["is_syn"].bool()
-    loss_mix = mix_loss(model, x1, y, cfg)  # the soft-label CE in fp32 on the fc's logits
+    if cfg.classifier_loss == "mix":
+        loss_mix = mix_loss(model, x1, y, cfg)  # the soft-label CE in fp32 on the fc's logits
+    else:
+        loss_mix = F.cross_entropy(model.encoder(x1).float(), y)  # the ablation: no mixup, no cutmix
     z = torch.stack([model.embed(batch["x2"]), model.embed(batch["x3"])], dim=1)  # (B, 2, out_dim), one pass each
     with torch.autocast(x1.device.type, enabled=False):  # SupCon at tau 0.1 and the cosine search in fp32
         prototypes, prototype_labels = class_prototypes(model.bank, model.bank_labels, model.encoder.head.out_features)
