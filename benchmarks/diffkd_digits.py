@@ -2,6 +2,7 @@
 seeds, at a student budget where plain KD helps (STUDENT and DIFFKD below). Measures, does not assert.
 
     .venv/bin/python benchmarks/diffkd_digits.py [--seeds 0 1 2] [--threads 1] [--eval-on test|val]
+    .venv/bin/python benchmarks/diffkd_digits.py --select [--seeds 0 1 2]   # the choices, on the validation split
 
 Per seed, the teacher is trained once with that seed (experiments/supervised/digits_teacher.yaml, its final
 checkpoint kept in a temporary directory); then, with the same seed, the student alone (STUDENT), plain KD (DIFFKD
@@ -10,6 +11,12 @@ Every run holds out the same validation images (data.val_per_class, drawn from t
 students train on the pool the budget was chosen on; --eval-on val scores them on those images (for choices), the
 default scores the test set (reported once). Every run goes through the orchestrator's step loop in this process (no
 Ray, one rank). Writes benchmarks/results/diffkd_digits.{md,json} (and an MLflow run), or --out.
+
+--select re-makes the recipe's choices on the validation split, the teacher trained once per seed: the student
+budget (BUDGETS: the one where plain KD's mean gain over the student alone is largest against the seeds' spread,
+gain / sqrt((std_alone^2 + std_KD^2) / 2)), then at that budget plain KD's tau and DiffKD's kd_weight (GRID, by
+budget.select_on_validation). Writes benchmarks/results/diffkd_digits_{budget,selection}.{md,json} (and MLflow
+runs); the recipes carry what it chose.
 
 --threads sets torch's intra-op threads (default 1): on the shared 2-core machine this was written on, two threads
 made the backward of the diffusion modules' small convolutions (4x4 maps) about 30 times slower than one.
@@ -23,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from budget import mean_std, publish, seed_metrics, train_file
+from budget import mean_std, publish, publish_selection, seed_metrics, train_file
 
 from orchestrator import spec as spec_mod
 
@@ -34,12 +41,59 @@ DIFFKD = REPO / "experiments" / "diffkd" / "digits_100_steps.yaml"
 VAL_PER_CLASS = 30  # held out of every training pool, as in STUDENT and DIFFKD (about 135 train images per digit)
 PLAIN_KD = ["config.diffusion=false", "config.kd_weight=1.0"]  # Hinton KD at its usual weight (DiffKD's: 0.3)
 ROWS = ("teacher", "student alone", "plain KD", "DiffKD")
+BUDGETS = {"50 steps": ["optim.steps=50"], "100 steps": ["optim.steps=100"],
+           "200 steps, 10 labeled a digit": ["optim.steps=200", "data.labeled_per_class=10"],
+           "200 steps, 5 labeled a digit": ["optim.steps=200", "data.labeled_per_class=5"]}
+GRID = {"plain KD": {"config.tau": [1.0, 4.0]}, "DiffKD": {"config.kd_weight": [1.0, 0.3, 0.1]}}
 
 
 def run(path: Path, seed: int, overrides: list[str], checkpoint_root: Path | None = None) -> dict[str, float]:
-    """One experiment file in this process; its final accuracy and the seconds it took."""
+    """One experiment file in this process; its final accuracy and loss, and the seconds it took."""
     metrics = train_file(path, seed, overrides, checkpoint_root)
-    return {"acc": metrics["acc"], "seconds": metrics["seconds"]}
+    return {"acc": metrics["acc"], "loss": metrics["loss"], "seconds": metrics["seconds"]}
+
+
+def train_teachers(seeds: list[int], root: Path) -> dict[int, str]:
+    """The teacher of each seed, trained once with the validation split held out: seed -> teacher_from override."""
+    steps = spec_mod.load(TEACHER).optim.steps
+    for seed in seeds:
+        run(TEACHER, seed, [f"data.val_per_class={VAL_PER_CLASS}"], root / str(seed))
+    return {seed: f'config.teacher_from="{root / str(seed) / f"checkpoint_{steps:09d}"}"' for seed in seeds}
+
+
+def select(seeds: list[int], out: str) -> None:
+    """The budget, then plain KD's tau and DiffKD's kd_weight at the chosen budget, all on the validation split."""
+    val = [f"data.val_per_class={VAL_PER_CLASS}", "data.eval_on=val"]
+    with tempfile.TemporaryDirectory() as root:
+        teacher = train_teachers(seeds, Path(root))
+        budgets = {name: {"student alone": [run(STUDENT, seed, [*val, *extra])["acc"] for seed in seeds],
+                          "plain KD": [run(DIFFKD, seed, [*val, *extra, teacher[seed], *PLAIN_KD])["acc"]
+                                       for seed in seeds]} for name, extra in BUDGETS.items()}
+        chosen = max(budgets, key=lambda name: kd_gain(budgets[name]))
+        publish(f"{out}_budget", budget_table(budgets, chosen), seeds, budgets, {"seeds": seeds, "chosen": chosen},
+                {"best_gain_over_spread": kd_gain(budgets[chosen])})
+        files = {"plain KD": (DIFFKD, PLAIN_KD), "DiffKD": (DIFFKD, [])}
+        publish_selection(out, GRID, seeds, lambda row, seed, extra: run(
+            files[row][0], seed, [*val, *BUDGETS[chosen], teacher[seed], *files[row][1], *extra]))
+
+
+def kd_gain(accs: dict[str, list[float]]) -> float:
+    """Plain KD's mean gain over the student alone, in units of the seeds' pooled standard deviation."""
+    spread = ((_std(accs["student alone"]) ** 2 + _std(accs["plain KD"]) ** 2) / 2) ** 0.5
+    return (statistics.mean(accs["plain KD"]) - statistics.mean(accs["student alone"])) / max(spread, 1e-9)
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def budget_table(budgets: dict[str, dict[str, list[float]]], chosen: str) -> str:
+    lines = ["| student budget | student alone (val) | plain KD (val) | gain / spread |", "|---|---|---|---|"]
+    for name, accs in budgets.items():
+        label = f"**{name}**" if name == chosen else name
+        lines.append(f"| {label} | {mean_std(accs['student alone'])} | {mean_std(accs['plain KD'])} | "
+                     f"{kd_gain(accs):.2f} |")
+    return "\n".join(lines)
 
 
 def one_seed(seed: int, data: list[str]) -> dict[str, dict[str, float]]:
@@ -79,10 +133,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--eval-on", choices=("test", "val"), default="test")
+    parser.add_argument("--select", action="store_true", help="make the recipe's choices on the validation split")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "diffkd_digits"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     check_same_budget()
+    if args.select:
+        select(args.seeds, args.out)
+        return
     data = [f"data.val_per_class={VAL_PER_CLASS}", f"data.eval_on={args.eval_on}"]
     results: dict[str, list[dict[str, float]]] = {row: [] for row in ROWS}
     for seed in args.seeds:

@@ -56,3 +56,18 @@ def test_grid_points_become_overrides_the_spec_loader_reads() -> None:
 def test_the_compared_digits_recipes_hold_the_same_validation_images_out(files: list[str]) -> None:
     specs = [spec_mod.load(REPO / "experiments" / f) for f in files]
     assert {s.data.val_per_class for s in specs} == {15} and {s.data.eval_on for s in specs} == {"test"}
+
+
+def test_diffkd_choices_are_overrides_its_recipes_read_and_the_budget_goes_to_the_clearest_kd_gain() -> None:
+    import diffkd_digits as diffkd
+
+    for extra in diffkd.BUDGETS.values():
+        for path in (diffkd.STUDENT, diffkd.DIFFKD):
+            spec_mod.load(path, [*extra, "data.eval_on=val"])
+    for grid in diffkd.GRID.values():
+        for point in budget.grid_points(grid):
+            spec_mod.load(diffkd.DIFFKD, [*budget.overrides(point), *diffkd.PLAIN_KD])
+    noisy = {"student alone": [0.70, 0.80, 0.90], "plain KD": [0.80, 0.90, 1.00]}  # gain 0.1, std 0.1
+    steady = {"student alone": [0.90, 0.91, 0.92], "plain KD": [0.93, 0.94, 0.95]}  # gain 0.03, std 0.01
+    assert diffkd.kd_gain(noisy) == pytest.approx(1.0) and diffkd.kd_gain(steady) == pytest.approx(3.0)
+    assert "| **steady** |" in diffkd.budget_table({"noisy": noisy, "steady": steady}, "steady")
