@@ -272,6 +272,32 @@ def test_value_pretraining_leaves_the_policy_alone() -> None:
     assert model.critic.head.weight.grad is not None and metrics["value_pretraining"] == 1.0
 
 
+def test_value_pretraining_regresses_on_monte_carlo_returns_even_without_decoupled_gae() -> None:
+    """VAPO's value pretraining targets lambda = 1 returns in every ablation; after it, the critic's targets are the
+    policy's lambda when decoupled_gae is off (the "- decoupled GAE" row)."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(vapo.TINY, decoupled_gae=False, length_adaptive=False, lambda_policy=0.5,
+                              value_pretrain_steps=1, minibatches=1, max_new_tokens=4)
+    model = actor_critic.build(cfg, None)
+    with torch.no_grad():
+        model.critic.head.bias.fill_(0.3)  # values away from 0, so lambda 0.5 and 1 give different targets
+    batch = batch_of(["1+2=", "5-3="], ["3", "2"])
+    _, pretraining = actor_critic.train_step(model, batch, cfg, 0)
+    rollout, seqs = model.rollout, model.rollout.seqs
+    mask = seqs.response_mask
+    values = actor_critic.response_values(model.critic, seqs) * mask
+    rewards = obj.terminal_rewards(torch.where(rollout.positive > 0, cfg.reward_correct, cfg.reward_wrong), mask)
+    torch.testing.assert_close(rollout.monte_carlo, obj.gae(rewards, values, mask, cfg.gamma, 1.0)[1])
+    torch.testing.assert_close(rollout.returns, obj.gae(rewards, values, mask, cfg.gamma, 0.5)[1])
+    assert not torch.allclose(rollout.returns, rollout.monte_carlo)
+    expected = 0.5 * obj.masked_mean((values - rollout.monte_carlo) ** 2, mask)
+    assert pretraining["value_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    model.rollout.chunks = [torch.arange(len(seqs.ids))]  # one more update on the same rollout, after pretraining
+    _, after = actor_critic.train_step(model, batch, cfg, 1)
+    expected = 0.5 * obj.masked_mean((values - rollout.returns) ** 2, mask)
+    assert after["value_pretraining"] == 0.0 and after["value_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_ppo_vapo_and_grpo_defaults_are_their_papers() -> None:
     v, p, g = vapo.Config(), ppo.Config(), grpo.Config()
     assert (v.lambda_critic, v.alpha, v.eps_low, v.eps_high) == (1.0, 0.05, 0.2, 0.28)

@@ -11,7 +11,12 @@ so PPO's mini-batch size is N / minibatches. The next rollout is made when this 
 loader's batches in between are not read. The rollout is kept on the module, not in checkpoints: a resumed run
 starts with a fresh rollout from the restored policy. With optim.grad_accum A, one optimizer step takes A
 mini-batches. The first value_pretrain_steps steps train the critic alone on rollouts of the initial policy
-(VAPO's value pretraining); the policy is not updated then.
+(VAPO's value pretraining), regressing on the Monte-Carlo returns (lambda = 1, as VAPO prescribes, whatever
+lambda_critic and decoupled_gae say); the policy is not updated then.
+
+GAE advantages are whitened (standardised over the rollout's response tokens) by default, as verl's and OpenRLHF's
+PPO do; the VAPO paper does not say whether it whitens. `whiten_advantages: false` keeps the raw GAE advantages.
+Group advantages (GRPO) are never whitened again: they are already standardised within each group.
 
 Every step reports the rollout's diagnostics (the limitations paper's failure modes): value bias and explained
 variance against Monte-Carlo returns, overall and per response position; advantage mean/std by response length;
@@ -60,7 +65,7 @@ class RLConfig(PolicyConfig):
     decoupled_gae: bool = True  # False: the critic's targets use the policy's lambda
     length_adaptive: bool = True  # lambda_policy = 1 - 1/(alpha l)
     alpha: float = 0.05
-    whiten_advantages: bool = True  # GAE advantages standardised over the rollout's tokens
+    whiten_advantages: bool = True  # GAE advantages standardised over the rollout's tokens (verl's default)
     eps_low: float = 0.2
     eps_high: float = 0.28  # Clip-Higher; eps_low for symmetric PPO clipping
     token_level: bool = True  # token-level loss averaging; False: per-response means, then their mean
@@ -123,7 +128,8 @@ class Rollout:
     seqs: Sequences  # N = prompts x group_size
     old_log_probs: torch.Tensor  # (N, T)
     advantages: torch.Tensor  # (N, T)
-    returns: torch.Tensor  # (N, T) value targets
+    returns: torch.Tensor  # (N, T) value targets (lambda_critic, or lambda_policy when not decoupled)
+    monte_carlo: torch.Tensor  # (N, T) Monte-Carlo returns (lambda = 1): the value-pretraining targets
     positive: torch.Tensor  # (N,) 1.0 for correct responses
     ref_log_probs: torch.Tensor | None
     diagnostics: dict[str, torch.Tensor]
@@ -145,20 +151,20 @@ def make_rollout(model: ActorCritic, batch: Batch, cfg: RLConfig) -> Rollout:
     diagnostics = {"reward": scores.mean(), "accuracy": correct.mean(),
                    "response_length": obj.lengths_of(response_mask).mean()}
     if model.critic is not None:
-        advantages, returns, extra = _gae_targets(model, seqs, scores, cfg)
+        advantages, returns, monte_carlo, extra = _gae_targets(model, seqs, scores, cfg)
         diagnostics.update(extra)
     else:
         advantages = obj.group_advantages(scores, cfg.group_size)[:, None] * response_mask
-        returns = torch.zeros_like(advantages)
+        returns = monte_carlo = torch.zeros_like(advantages)
     diagnostics.update(obj.advantage_by_length(advantages, response_mask))
     diagnostics["credit_assignment"] = obj.credit_assignment(advantages, response_mask, scores)
-    return Rollout(seqs, old_log_probs, advantages, returns, correct, ref_log_probs, diagnostics)
+    return Rollout(seqs, old_log_probs, advantages, returns, monte_carlo, correct, ref_log_probs, diagnostics)
 
 
-def _gae_targets(model: ActorCritic, seqs: Sequences, scores: torch.Tensor,
-                 cfg: RLConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Policy advantages (lambda_policy, length-adaptive or fixed) and critic targets (lambda_critic when
-    decoupled), plus the value diagnostics against the Monte-Carlo returns (lambda = 1)."""
+def _gae_targets(model: ActorCritic, seqs: Sequences, scores: torch.Tensor, cfg: RLConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Policy advantages (lambda_policy, length-adaptive or fixed), critic targets (lambda_critic when decoupled)
+    and the Monte-Carlo returns (lambda = 1), plus the value diagnostics against the latter."""
     mask = seqs.response_mask
     values = response_values(model.critic, seqs) * mask
     rewards = obj.terminal_rewards(scores, mask)
@@ -171,7 +177,7 @@ def _gae_targets(model: ActorCritic, seqs: Sequences, scores: torch.Tensor,
         advantages = obj.whiten(advantages, mask)
     extra = obj.value_diagnostics(values, monte_carlo, mask, cfg.diag_positions)
     extra["lambda_policy"] = torch.as_tensor(lam_policy, device=mask.device, dtype=mask.dtype).mean()
-    return advantages, returns, extra
+    return advantages, returns, monte_carlo, extra
 
 
 def _schedule(n: int, cfg: RLConfig, device: torch.device) -> list[torch.Tensor]:
@@ -203,7 +209,8 @@ def _update_loss(model: ActorCritic, rollout: Rollout, rows: torch.Tensor, cfg: 
     loss = zero
     if model.critic is not None:
         values = response_values(model.critic, seqs)
-        metrics["value_loss"] = 0.5 * obj.masked_mean((values - rollout.returns[rows]) ** 2, mask)
+        targets = rollout.monte_carlo if pretraining else rollout.returns
+        metrics["value_loss"] = 0.5 * obj.masked_mean((values - targets[rows]) ** 2, mask)
         loss = loss + cfg.value_coef * metrics["value_loss"]
     if pretraining:
         return loss, {k: v.detach() for k, v in metrics.items()}

@@ -5,7 +5,9 @@ paper's ablation table). Every component is a Config switch, so the paper's abla
 
     component                  on (VAPO)                          off (the ablation)
     Value-Pretraining          value_pretrain_steps: 50           value_pretrain_steps: 0
-    Decoupled-GAE              decoupled_gae: true (lambda_c 1)   decoupled_gae: false (critic uses lambda_policy)
+    Decoupled-GAE              decoupled_gae: true (lambda_c 1)   decoupled_gae: false (critic uses lambda_policy
+                                                                  after value pretraining, which always regresses
+                                                                  on Monte-Carlo returns)
     Length-adaptive GAE        length_adaptive: true (alpha 0.05) length_adaptive: false (lambda_policy 0.95)
     Clip-Higher                eps_high: 0.28                     eps_high: 0.2
     Token-level loss           token_level: true                  token_level: false
@@ -17,7 +19,8 @@ diagnostics are trainers/rl/actor_critic.py; the formulas trainers/rl/objectives
 
 Deviations: the critic starts from the policy's weights (the paper's from a reward model, which a verifiable-reward
 task does not have); lambda_policy is clamped to [0, 1] (objectives.py says why); the rollout's mini-batch split is
-per worker (each worker updates on its own samples; the token-level mean is over all workers' tokens).
+per worker (each worker updates on its own samples; the token-level mean is over all workers' tokens); GAE
+advantages are whitened over the rollout's tokens, as in verl's PPO (the paper does not say; whiten_advantages).
 """
 
 from __future__ import annotations
