@@ -159,6 +159,29 @@ def test_all_k_atoms_start_identical_and_bn_statistics_are_one_copy():
     assert any(name.endswith("running_mean") and value.ndim == 1 for name, value in model.state_dict().items())
 
 
+def test_independent_atoms_are_k_separate_draws_of_the_spaces_initialisation():
+    """atom_init "independent": atom k of every weight is the k-th of K draws of the space's modules; with uniform
+    codes a path runs with their mean. BN statistics stay one copy, and the atoms' shapes are those of copies."""
+    torch.manual_seed(0)
+    model = supernet(k=3, atom_init="independent")
+    torch.manual_seed(0)
+    draws = [kshot_nas.supernet_draw(model.space, INFO.num_classes, INFO.in_channels) for _ in range(3)]
+    stems = [dict(d[0].named_parameters()) for d in draws]
+    for name in model.stem.names:
+        theta = model.stem.theta[kshot_nas._key(name)]
+        torch.testing.assert_close(theta, torch.stack([stem[name] for stem in stems]))
+        assert not torch.equal(theta[0], theta[1]) or theta.ndim == 2  # weights differ (BN's affine starts equal)
+    heads = torch.stack([d[3].weight for d in draws])
+    torch.testing.assert_close(model.head.theta[kshot_nas._key("weight")], heads)
+    torch.testing.assert_close(model.head.weights(model.uniform_code())["weight"], heads.mean(0))
+    copies = supernet(k=3)
+
+    def shapes(m: nn.Module) -> dict[str, torch.Size]:
+        return {name: t.shape for name, t in m.named_parameters()} | {name: t.shape for name, t in m.named_buffers()}
+
+    assert shapes(model) == shapes(copies)
+
+
 def test_forward_validates_the_code():
     model = supernet()
     with pytest.raises(ValueError, match="macro_digits"):

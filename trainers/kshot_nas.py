@@ -13,9 +13,14 @@ K supernets Theta^(1..K) of one search space (trainers/nas: `space`). Every para
 
 formed once per forward (one weighted sum per parameter, O(K |W|)), after which the path's stand-alone modules run
 once with W (torch.func.functional_call): never K forward passes. Batch-norm running statistics are buffers of the
-stand-alone modules, one copy shared by the K supernets. All K atoms start identical, so the supernets start as one
-one-shot supernet, and with uniform codes (lambda = 1/K) each atom receives g/K and they stay identical: K = 1 is
-single-path one-shot (SPOS) weight sharing exactly.
+stand-alone modules, one copy shared by the K supernets. `atom_init` "copies" (the default): all K atoms start
+identical, so the supernets start as one one-shot supernet, and with uniform codes (lambda = 1/K) each atom receives
+g/K and they stay identical: K = 1 is single-path one-shot (SPOS) weight sharing exactly. While the atoms are equal,
+the loss's gradient with respect to every lambda_k is the same too, so after the warm-up the supernets separate only
+through the codes' differences. "independent": each supernet is the space's own, separately initialised modules
+(K draws of `supernet_parts`), so the atoms differ from the start (with uniform codes a path's weights are the mean of
+K draws: their spread is 1/sqrt(K) of one draw's). The paper does not say which (its warm-up, as recalled, "equals K
+identical one-shot supernets", which suggests copies); benchmarks/ranking.py compares the two.
 
 Simplex-net pi [abstract; recalled: a 2-layer MLP with temperature tau]: enc(alpha) is the one-hot option of every
 position, concatenated (sum(choices),); the channel branch [3rd: Liner's review] is a second 2-layer MLP on the width
@@ -78,7 +83,7 @@ training batch-norm statistics; ranking paths recalibrates BN per path (trainers
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +108,7 @@ class Config:
     simplex_every: int = 5  # after the warm-up every simplex_every-th step trains pi, the others the K supernets
     width_reg: float = 0.1  # weight of the channel regulariser R (pushes apart codes of different widths)
     simplex_lr_scale: float = 0.1  # pi's learning rate relative to the experiment's lr
+    atom_init: Literal["copies", "independent"] = "copies"  # the K supernets' start: one draw copied, or K draws
 
 
 TINY = Config(space="macro_digits", k=2, simplex_hidden=8, warmup_steps=2, simplex_every=2)
@@ -148,15 +154,17 @@ def is_simplex_step(step: int, cfg: Config) -> bool:
 
 
 class Dictionary(nn.Module):
-    """One stand-alone module whose every parameter is a dictionary of K atoms, `theta[name]` (K, *shape); its
-    buffers (BN statistics) stay the module's own, one copy for the K supernets."""
+    """One stand-alone module whose every parameter is a dictionary of K atoms, `theta[name]` (K, *shape), atom k
+    from the k-th of `draws` (K modules of one architecture; the same module K times for identical atoms); its
+    buffers (BN statistics) stay the first module's, one copy for the K supernets."""
 
-    def __init__(self, module: nn.Module, k: int):
+    def __init__(self, draws: list[nn.Module]):
         super().__init__()
-        named = list(module.named_parameters())
-        self.names = [name for name, _ in named]
-        self.theta = nn.ParameterDict([(_key(name), nn.Parameter(p.detach().unsqueeze(0).repeat(k, *[1] * p.ndim)))
-                                       for name, p in named])  # K identical atoms, in the module's order
+        module = draws[0]
+        self.names = [name for name, _ in module.named_parameters()]
+        params = [dict(draw.named_parameters()) for draw in draws]
+        self.theta = nn.ParameterDict([(_key(name), nn.Parameter(torch.stack([p[name].detach() for p in params])))
+                                       for name in self.names])  # (K, *shape) each, in the module's order
         for sub in module.modules():  # the module keeps no weights of its own: functional_call gives them
             for name in list(sub._parameters):
                 sub.register_parameter(name, None)
@@ -188,6 +196,13 @@ class SimplexNet(nn.Module):
         return torch.softmax((self.arch(enc) + self.channel(width)) / tau, dim=-1)
 
 
+def supernet_draw(space: SearchSpace, num_classes: int, in_channels: int
+                  ) -> tuple[nn.Module, list[list[nn.Module]], nn.Module, nn.Linear]:
+    """One initialisation of the space's stand-alone modules: stem, candidates (position -> option), tail, head."""
+    stem, candidates, tail, num_features = space.supernet_parts(num_classes, in_channels)
+    return stem, candidates, tail, nn.Linear(num_features, num_classes)
+
+
 class KShotSupernet(Supernet):
     """K supernets of `space` as dictionaries, and the simplex-net `pi` (None for K = 1)."""
 
@@ -195,11 +210,13 @@ class KShotSupernet(Supernet):
 
     def __init__(self, space: SearchSpace, cfg: Config, num_classes: int, in_channels: int):
         super().__init__(space, cfg)
-        stem, candidates, tail, num_features = space.supernet_parts(num_classes, in_channels)
-        self.widths = [[module_width(m) for m in row] for row in candidates]  # position -> option -> width
-        self.stem, self.tail = Dictionary(stem, cfg.k), Dictionary(tail, cfg.k)
-        self.candidates = nn.ModuleList(nn.ModuleList(Dictionary(m, cfg.k) for m in row) for row in candidates)
-        self.head = Dictionary(nn.Linear(num_features, num_classes), cfg.k)
+        draws = [supernet_draw(space, num_classes, in_channels)
+                 for _ in range(cfg.k if cfg.atom_init == "independent" else 1)]
+        stems, candidates, tails, heads = zip(*draws * (cfg.k // len(draws)))  # K of each (one module K times: copies)
+        self.widths = [[module_width(m) for m in row] for row in candidates[0]]  # position -> option -> width
+        self.stem, self.tail, self.head = Dictionary(stems), Dictionary(tails), Dictionary(heads)
+        self.candidates = nn.ModuleList(nn.ModuleList(Dictionary([c[i][j] for c in candidates])
+                                                      for j in range(len(row))) for i, row in enumerate(candidates[0]))
         self.pi = SimplexNet(sum(space.choices), len(space.choices), cfg.simplex_hidden, cfg.k) if cfg.k > 1 else None
         self.register_buffer("pi_active", torch.tensor(cfg.warmup_steps == 0))  # False: uniform codes (warm-up)
 
@@ -254,6 +271,8 @@ def check(cfg: Config) -> None:
         raise ConfigError("warmup_steps", "an integer >= 0", cfg.warmup_steps)
     if cfg.width_reg < 0:
         raise ConfigError("width_reg", "a weight >= 0", cfg.width_reg)
+    if cfg.atom_init not in ("copies", "independent"):
+        raise ConfigError("atom_init", "copies or independent", cfg.atom_init)
 
 
 def train_step(model: KShotSupernet, batch: Batch, cfg: Config, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
