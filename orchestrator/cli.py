@@ -1,7 +1,8 @@
 """`orchestrator run | sweep | search | submit | compare | profile | plan | check | ls`: the command line.
 
-Exit status: 0 on success, 1 when a run fails, 2 when the experiment file (or an override) is invalid or another
-live driver runs the same `storage_path/name` (orchestrator/run_lock.py); both are reported before Ray starts.
+Exit status: 0 on success, 1 when a run fails (or a search's searcher cannot go on, e.g. GENIUS's endpoint fails: a
+one-line error, the sweep's state kept), 2 when the experiment file (or an override) is invalid or another live
+driver runs the same `storage_path/name` (orchestrator/run_lock.py); both are reported before Ray starts.
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ def cmd_sweep(args: argparse.Namespace, spec: ExperimentSpec | None = None) -> i
     log.info("sweep of %s", _summary(spec))
     from ray.tune import TuneError
 
+    from orchestrator.nas_search import SearchError
     from orchestrator.tune import sweep
 
     with run_lock.hold(spec.storage_path, spec.name):
@@ -220,6 +222,10 @@ def cmd_sweep(args: argparse.Namespace, spec: ExperimentSpec | None = None) -> i
             outcome = sweep(spec, str(args.file))
         except TuneError as err:
             print(f"error: sweep {spec.name} failed: {err}\nrun the same command again to resume it", file=sys.stderr)
+            return 1
+        except SearchError as err:  # e.g. GENIUS's endpoint failed: one line, the sweep's state kept
+            print(f"error: sweep {spec.name} stopped: {' '.join(str(err).split())} (its state is kept: run the same "
+                  "command again to resume it)", file=sys.stderr)
             return 1
     _print_sweep(outcome, spec)
     if outcome.interrupted:
@@ -377,14 +383,15 @@ def _print_sweep(outcome, spec: ExperimentSpec) -> None:
 
 
 def _print_best_architecture(best: dict, spec: ExperimentSpec) -> None:
-    from orchestrator.nas_search import architecture_key
+    from orchestrator.nas_search import arch_counts, architecture_key
     from trainers.nas import parse_arch_value
 
     found = architecture_key(spec)
     if found is None or found[0] not in best:
         return
     space, code = parse_arch_value(best[found[0]])
-    print(f"best architecture: {best[found[0]]} ({space.flops(code):.1f} MFLOPs, {space.params(code):.3f} M params"
+    counts = arch_counts(spec)
+    print(f"best architecture: {best[found[0]]} ({counts.flops(code):.1f} MFLOPs, {counts.params(code):.3f} M params"
           f"; as a list {space.answer_list(code)})")
 
 

@@ -4,11 +4,11 @@ A chat model proposes one architecture at a time; the sweep trains it; its accur
 (../shared/papers/methods_nas_gen_llm.md, section 1). Each `suggest` is one GENIUS iteration:
 
     messages  = [system persona, user prompt]            # single_turn: rebuilt every iteration
-    user      = task + operations + skeleton + answer format (the space's `prompt()`)
+    user      = the space's `prompt().text()`: task, operations, skeleton, answer format in the official order
                 [+ the FLOPs window, when `flops` sets one the space's prompt does not state]
-                [+ "Here are some experimental results ...": one line per earlier candidate, and the request
-                   for a better list that improves on them]
-                + a suffix that forbids anything but the list
+                [+ "Here are the results of earlier experiments ...": one line per earlier candidate, and the
+                   request for a better <answer_name> (e.g. "operation ID list") that improves on them]
+                + a suffix that asks for the <answer_name> only; body, experiments and suffix on consecutive lines
     reply     -> the last bracketed integer list -> space.from_answer -> code -> {key: "<space>:<code>"}
 
 Facts of the official code this follows (mingkai-zheng/GENIUS: nas_bench_macro.py, channel_bench_res.py,
@@ -29,9 +29,12 @@ Deviations, all deliberate:
 - Answers are validated and the model is asked again, in the same conversation (the assistant reply plus a
   corrective user turn), on a reply without a list (malformed), a list that is not an architecture of the space
   (invalid), an architecture whose canonical form was already evaluated (duplicate) and one outside the FLOPs
-  window (over_budget); at most `max_retries` such turns per iteration, then GeniusError (a failed API request,
-  after the client's own retries, is a GeniusError too). The benchmark scripts `json.loads` the raw reply and
-  crash on anything else; only the ImageNet chats had a (manual) FLOPs re-prompt.
+  window (over_budget); at most `max_retries` such turns per iteration, then GeniusError. The benchmark scripts
+  `json.loads` the raw reply and crash on anything else; only the ImageNet chats had a (manual) FLOPs re-prompt.
+- The endpoint's failures are GeniusErrors with a one-line message (`orchestrator search` prints it and exits 1,
+  the sweep's state kept for a resume): an HTTP 4xx at once; a timeout, no connection, HTTP 429 or 5xx, or an
+  HTTP 200 whose body is not a chat completion (not JSON, or JSON without `choices[0].message`) after
+  `request_retries` retries. Each HTTP request, failed or not, is recorded (the client's own retries are off).
 - The list is the last bracketed integer list in the reply, so prose and code fences around it are tolerated (the
   NAS-Bench-201 script had a human type the answer in). A reply that spells out several lists (e.g. one per stage)
   is therefore judged by its last list, and a wrong length is reported to the model as invalid.
@@ -39,17 +42,26 @@ Deviations, all deliberate:
 - Every request ends with the list-only suffix of the benchmark scripts; `list_only: false` replaces it by a request
   to end the answer with the list, so the spaces whose answer format asks for analysis first (NAS-Bench-201, the
   ImageNet space, as in the paper's chats) get their rationale.
+- The prompts are this project's words, carrying the official prompt's information in its order and layout for each
+  official benchmark (NAS-Bench-Macro, Channel-Bench ResNet and MobileNet, NAS-Bench-201); each space's module says
+  what differs there. The experiments block and the suffix are reworded too ("Here are the results of earlier
+  experiments, for your reference:", "Please reply with the operation ID list only, and nothing else."); the
+  multi_turn feedback asks for the rationale (as the NB201 script does) only with `list_only: false`.
 - The experiment lines with a FLOPs window are compact, "Experiment k: [..], FLOPs XM, accuracy Y%", not the
   ImageNet chats' per-stage prose; the ImageNet chats' distilled "design principles" are not reproduced.
 - A trial that fails (error, no result, or no finite metric) is recorded as failed: its line says that training
   failed and gives no accuracy, it still counts as evaluated for the duplicate check, and the search goes on.
 
-Files under `log_dir`, rewritten after every exchange so that a crash keeps them (the sweep uploads them):
-chat.json (every request's messages with its reply, the requested and the served model, usage), chat.md (a
-transcript), candidates.jsonl (every reply with its verdict, the parsed code, FLOPs, params and, later, accuracy) and
-usage.json (token and request totals), with credentials in them replaced by *** (the API key's value, token-shaped
-values: tracking.redact_text). The API key is read from the environment when the client is made and is kept only
-inside the client, which is neither pickled nor saved.
+Files under `log_dir`, written again after every exchange so that a crash keeps them (the sweep uploads them):
+chat.json (every request's messages with its reply or its error, the requested and the served model, usage),
+chat.md (a transcript), candidates.jsonl (every reply with its verdict, the parsed code, FLOPs, params and, later,
+accuracy) and usage.json (request, failed-request and token totals, counted from chat.json), with credentials in
+them replaced by *** (the API key's value, token-shaped values: tracking.redact_text). They only grow: a searcher
+that finds records in `log_dir` that its state lacks (a resumed search that failed after its last checkpoint, or
+one started again without a checkpoint) keeps them ahead of its new ones, so every earlier request and rejected
+reply stays, and the totals with them. The API key is read from the environment when the client is made and is
+kept only inside the client, which is neither pickled nor saved. MFLOPs and params (the window, the records) come
+from `counts` (orchestrator/nas_search.py ArchCounts: the benchmark table's where it lists them).
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ import math
 import numbers
 import os
 import re
+import time
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -68,6 +81,7 @@ from urllib.parse import urlparse
 import openai
 from ray.tune.search import Searcher
 
+from orchestrator.nas_search import ArchCounts, SearchError
 from orchestrator.tracking import redact_text
 from trainers.nas import arch_value
 from trainers.nas.space import InvalidArchitecture, SearchSpace
@@ -88,13 +102,25 @@ ACCURACY_QUANTUM = Decimal("0.01")
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 LOCAL_PLACEHOLDER_KEY = "no-key-needed-for-a-local-server"
 INTEGER_LIST = re.compile(r"\[\s*-?\d+(?:\s*,\s*-?\d+)*\s*\]")
-SUFFIX = "Please do not include anything other than the list in your response."
-REASONED_SUFFIX = "End your response with the list on its own line."  # list_only: false (NB201/ImageNet chats)
+SUFFIX = "Please reply with the {answer} only, and nothing else."  # {answer}: the space's answer_name
+REASONED_SUFFIX = "End your response with the {answer} on its own line."  # list_only: false (NB201/ImageNet chats)
+EXPERIMENTS_HEADER = "Here are the results of earlier experiments, for your reference:"
 STATE_VERSION = 1
+TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+SHOWN_BODY = 200  # characters of a bad body quoted in the error
+RETRY_DELAY_S = 0.5  # before the first retry of a failed request; doubled for each further one
 
 
-class GeniusError(RuntimeError):
-    """The language model gave no acceptable architecture within the allowed re-prompts."""
+class GeniusError(SearchError):
+    """The endpoint failed (HTTP error, timeout, no connection, a body that is not a chat completion) or the model
+    gave no acceptable architecture within the allowed re-prompts. Its message is one line."""
+
+
+class BadBody(Exception):
+    """An HTTP 200 whose body is not a chat completion (not JSON, or JSON without choices[0].message)."""
+
+
+TRANSIENT = (BadBody, openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)  # tried again
 
 
 class Rejection(Exception):
@@ -130,28 +156,30 @@ class GeniusSearcher(Searcher):
                  model: str, base_url: str | None = None, temperature: float = 0.0, variant: str = "single_turn",
                  persona: str = "expert", max_retries: int = 5, api_key_env: str = "OPENAI_API_KEY",
                  flops: tuple[float, float] | None = None, accuracy_scale: float = 100.0, max_tokens: int | None = None,
-                 request_timeout: float = 120.0, log_dir: str | None = None, dataset_name: str = "CIFAR10",
-                 list_only: bool = True):
+                 request_timeout: float = 120.0, request_retries: int = 2, log_dir: str | None = None,
+                 dataset_name: str = "CIFAR10", list_only: bool = True, counts: ArchCounts | None = None):
         _check_choice("variant", variant, VARIANTS)
         _check_choice("persona", persona, tuple(PERSONAS))
         _check_mode(mode)
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if max_retries < 0 or request_retries < 0:
+            raise ValueError(f"max_retries and request_retries must be >= 0, got {max_retries} and {request_retries}")
         super().__init__(metric=metric, mode=mode)
         self.space, self.key, self.model, self.base_url = space, key, model, base_url
         self.temperature, self.variant, self.persona, self.max_retries = temperature, variant, persona, max_retries
         self.api_key_env, self.accuracy_scale, self.max_tokens = api_key_env, accuracy_scale, max_tokens
         self.flops_window = tuple(flops) if flops is not None else space.flops_window
-        self.request_timeout, self.dataset_name = request_timeout, dataset_name
-        self.suffix = SUFFIX if list_only else REASONED_SUFFIX
+        self.request_timeout, self.request_retries, self.dataset_name = request_timeout, request_retries, dataset_name
+        self.list_only = list_only
+        self.suffix = (SUFFIX if list_only else REASONED_SUFFIX).format(answer=space.prompt().answer_name)
         self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.counts = counts or ArchCounts(space)  # MFLOPs and params: the benchmark table's, else counted
         self._client: Any = None
         self._history: list[dict[str, Any]] = []  # evaluated candidates: trial_id, code, accuracy (None: failed)
         self._pending: dict[str, Any] | None = None  # the suggested trial not completed yet
         self._chat: list[dict[str, str]] = []  # the current conversation
-        self._exchanges: list[dict[str, Any]] = []  # every request with its reply (chat.json)
+        self._exchanges: list[dict[str, Any]] = []  # every request with its reply or error (chat.json)
         self._candidates: list[dict[str, Any]] = []  # every reply's verdict (candidates.jsonl)
-        self._usage = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        self._carried = False  # the records already in log_dir are in the lists above (_carry_logged)
 
     # ------------------------------------------------------------------------------------------ Tune's interface
 
@@ -171,6 +199,7 @@ class GeniusSearcher(Searcher):
             return None
         if not self.metric:
             raise ValueError("GeniusSearcher needs the metric to feed back; pass metric= or set_search_properties")
+        self._carry_logged()  # before this searcher's first record, which would look like the log's first
         self._open_iteration()
         code, index = self._ask_until_accepted()
         self._pending = {"trial_id": trial_id, "code": code, "candidate": index}
@@ -194,7 +223,7 @@ class GeniusSearcher(Searcher):
     def save(self, checkpoint_path: str) -> None:
         state = {"version": STATE_VERSION, "space": self.space.name, "variant": self.variant, "metric": self._metric,
                  "mode": self._mode, "history": self._history, "pending": self._pending, "chat": self._chat,
-                 "exchanges": self._exchanges, "candidates": self._candidates, "usage": self._usage}
+                 "exchanges": self._exchanges, "candidates": self._candidates}
         _write_text(Path(checkpoint_path), json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
@@ -205,7 +234,7 @@ class GeniusSearcher(Searcher):
                              f"{(STATE_VERSION, self.space.name, self.variant)}")
         self._metric, self._mode = state["metric"] or self._metric, state["mode"] or self._mode
         self._history, self._pending, self._chat = state["history"], state["pending"], state["chat"]
-        self._exchanges, self._candidates, self._usage = state["exchanges"], state["candidates"], state["usage"]
+        self._exchanges, self._candidates, self._carried = state["exchanges"], state["candidates"], False
         self._write_logs()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -227,7 +256,7 @@ class GeniusSearcher(Searcher):
     def summary(self) -> dict[str, float]:
         """Numbers to log as metrics: token and request totals, verdict counts, evaluated/failed, best accuracy."""
         verdicts = [candidate["verdict"] for candidate in self._candidates]
-        numbers: dict[str, float] = dict(self._usage)
+        numbers: dict[str, float] = dict(usage_totals(self._exchanges))
         numbers["accepted"] = verdicts.count("accepted")
         numbers.update({f"rejected_{verdict}": verdicts.count(verdict) for verdict in REJECTIONS})
         numbers["evaluated"] = len(self._history)
@@ -247,21 +276,24 @@ class GeniusSearcher(Searcher):
             self._chat.append({"role": "user", "content": self._feedback(self._history[-1])})
 
     def _first_prompt(self) -> str:
-        prompt = self.space.prompt()
-        parts = [prompt.task, prompt.operations, prompt.skeleton, prompt.answer_format]
+        """The space's body (+ the sweep's own FLOPs window), then the experiments block (single_turn, after the
+        first iteration), then the suffix, each on the line after the last (the layout of the official scripts:
+        `user_input + experiments_prompt(...) + suffix`)."""
+        body = self.space.prompt().text()
         if self.flops_window is not None and self.flops_window != self.space.flops_window:
             low, high = self.flops_window  # a window of the sweep's own: the space's prompt states the space's
-            parts.append(f"The FLOPs constraint of this search: the total FLOPs of the model (all layers, defined "
-                         f"and undefined) must lie in [{low:g}, {high:g}] MFLOPs.")
-        if self.variant == "single_turn" and self._history:
-            parts.append(self._experiments())
-        return "\n\n".join(parts + [self.suffix])
+            body += (f"\n\nThe FLOPs constraint of this search: the total FLOPs of the model (all layers, defined "
+                     f"and undefined) must lie in [{low:g}, {high:g}] MFLOPs.")
+        experiments = [self._experiments()] if self.variant == "single_turn" and self._history else []
+        return "\n".join([body, *experiments, self.suffix])
 
     def _experiments(self) -> str:
+        """Every earlier candidate on a line of its own, then the request for a better answer."""
+        prompt = self.space.prompt()
         lines = [self._experiment_line(number, entry) for number, entry in enumerate(self._history, start=1)]
-        return ("Here are some experimental results that you can use as a reference:\n" + "\n".join(lines) +
-                f"\n\nPlease suggest a better list that can improve the model's performance on {self.dataset_name} "
-                "beyond the experimental results provided above.")
+        better = "a better" if prompt.ask_better else "a"
+        return (EXPERIMENTS_HEADER + "\n" + "\n".join(lines) + f"\n\nPlease suggest {better} {prompt.answer_name} "
+                f"that improves the model's performance on {self.dataset_name} beyond these experimental results.")
 
     def _experiment_line(self, number: int, entry: dict[str, Any]) -> str:
         listed, accuracy = self._listed(entry["code"]), entry["accuracy"]
@@ -270,17 +302,19 @@ class GeniusSearcher(Searcher):
                 return f"{listed} failed to train, so it has no accuracy"
             return f"{listed} gives an accuracy of {accuracy:.2f}%"
         outcome = "training failed (no accuracy)" if accuracy is None else f"accuracy {accuracy:.2f}%"
-        return f"Experiment {number}: {listed}, FLOPs {self.space.flops(entry['code']):.2f}M, {outcome}"
+        return f"Experiment {number}: {listed}, FLOPs {self.counts.flops(entry['code']):.2f}M, {outcome}"
 
     def _feedback(self, entry: dict[str, Any]) -> str:
         """The multi_turn user turn about the last candidate (the NAS-Bench-201 script's)."""
-        size = "" if self.flops_window is None else f"This model has {self.space.flops(entry['code']):.2f} MFLOPs. "
+        size = "" if self.flops_window is None else f"This model has {self.counts.flops(entry['code']):.2f} MFLOPs. "
         if entry["accuracy"] is None:
             outcome = "Training this model failed, so it has no accuracy."
         else:
             outcome = f"By using this model, we achieved an accuracy of {entry['accuracy']:.2f}%."
+        rationale = "" if self.list_only else (" Please also explain why the model you suggest should surpass all the "
+                                               "earlier architectures.")
         return (f"{size}{outcome} Please recommend a new model that outperforms all prior architectures, based on "
-                f"the experiments above.\n\n{self.suffix}")
+                f"the experiments above.{rationale}\n\n{self.suffix}")
 
     # ------------------------------------------------------------------------------------------ one iteration
 
@@ -304,25 +338,41 @@ class GeniusSearcher(Searcher):
                           f"re-prompts; the last reply was rejected as {last.verdict} ({last.reason}): {reply!r}")
 
     def _request(self, attempt: int) -> str:
+        """The reply of one chat completion. A timeout, no connection, HTTP 429 or 5xx, or an HTTP 200 whose body is
+        not a chat completion is tried again up to `request_retries` times (after 0.5, 1, 2 ... s); every HTTP
+        request is recorded (chat.json) and a failure that remains (or any other HTTP error) is a GeniusError."""
         kwargs: dict[str, Any] = {"model": self.model, "messages": self._chat, "temperature": self.temperature, "n": 1}
         if self.max_tokens is not None:
             kwargs["max_tokens"] = self.max_tokens
-        try:
-            response = self._get_client().chat.completions.create(**kwargs)
-        except openai.OpenAIError as exc:
-            raise GeniusError(f"GENIUS iteration {self.iteration}, attempt {attempt}: the request for model "
-                              f"{self.model!r} at {self.base_url or 'the OpenAI API'} failed: {exc}") from exc
-        choice = response.choices[0]
-        reply = choice.message.content or ""
-        usage = {name: getattr(response.usage, name, 0) or 0 for name in ("prompt_tokens", "completion_tokens",
-                                                                            "total_tokens")}
-        self._usage["requests"] += 1
-        for name, count in usage.items():
-            self._usage[name] += count
-        self._exchanges.append({"iteration": self.iteration, "attempt": attempt, "model": self.model,
-                                "server_model": response.model, "finish_reason": choice.finish_reason,
-                                "messages": list(self._chat), "reply": reply, "usage": usage})
-        return reply
+        where = (f"GENIUS iteration {self.iteration}, attempt {attempt}: the request for model {self.model!r} at "
+                 f"{self.base_url or 'the OpenAI API'}")
+        for retry in range(self.request_retries + 1):
+            time.sleep(0.0 if retry == 0 else RETRY_DELAY_S * 2 ** (retry - 1))
+            try:
+                response, choice = _completion(self._get_client().chat.completions.create, kwargs)
+            except (BadBody, openai.OpenAIError) as exc:
+                failure = (f"answered HTTP 200 with {exc}" if isinstance(exc, BadBody)
+                           else f"failed: {type(exc).__name__}: {exc}")
+                self._log_exchange(attempt, None, None, error=failure)
+                if isinstance(exc, TRANSIENT):
+                    continue
+                raise GeniusError(_one_line(f"{where} {failure}")) from None
+            reply = getattr(choice.message, "content", None) or ""
+            self._log_exchange(attempt, response, choice, reply=reply)
+            return reply
+        raise GeniusError(_one_line(f"{where} {failure} (after {self.request_retries} retries)"))
+
+    def _log_exchange(self, attempt: int, response: Any, choice: Any, reply: str | None = None,
+                      error: str | None = None) -> None:
+        """Append one request with its reply (or its error) to the exchanges."""
+        usage = getattr(response, "usage", None)
+        self._exchanges.append({
+            "iteration": self.iteration, "attempt": attempt, "model": self.model,
+            "server_model": getattr(response, "model", None), "finish_reason": getattr(choice, "finish_reason", None),
+            "messages": list(self._chat), "reply": reply, "error": error,
+            "usage": {name: getattr(usage, name, 0) or 0 for name in TOKEN_COUNTS}})
+        if error:  # a reply is written with its verdict (_record), a failed request at once
+            self._write_logs()
 
     def _judge(self, reply: str) -> str:
         """The code of an acceptable reply; Rejection otherwise."""
@@ -362,7 +412,7 @@ class GeniusSearcher(Searcher):
         if self.flops_window is None:
             return
         low, high = self.flops_window
-        flops = self.space.flops(code)
+        flops = self.counts.flops(code)
         if low <= flops <= high:
             return
         side = f"higher than the upper bound of {high:g}" if flops > high else f"lower than the lower bound of {low:g}"
@@ -379,7 +429,7 @@ class GeniusSearcher(Searcher):
                  "reason": reason, "flops": None, "params": None, "trial_id": None, "accuracy": None,
                  "status": "pending" if verdict == "accepted" else "rejected"}
         if code is not None:
-            entry.update(flops=self.space.flops(code), params=self.space.params(code))
+            entry.update(flops=self.counts.flops(code), params=self.counts.params(code))
         self._candidates.append(entry)
         return len(self._candidates) - 1
 
@@ -392,7 +442,7 @@ class GeniusSearcher(Searcher):
     def _get_client(self) -> Any:
         if self._client is None:
             self._client = openai.OpenAI(base_url=self.base_url, api_key=self._api_key(),
-                                         timeout=self.request_timeout)
+                                         timeout=self.request_timeout, max_retries=0)  # _request retries
         return self._client
 
     def _api_key(self) -> str:
@@ -408,9 +458,10 @@ class GeniusSearcher(Searcher):
         if self.log_dir is None:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._carry_logged()
         chat = {"model": self.model, "variant": self.variant, "persona": self.persona, "exchanges": self._exchanges}
-        usage = dict(self._usage, model=self.model,
-                     server_models=sorted({exchange["server_model"] for exchange in self._exchanges}))
+        served = sorted({e["server_model"] for e in self._exchanges if e.get("server_model")})
+        usage = dict(usage_totals(self._exchanges), model=self.model, server_models=served)
         files = {"chat.json": json.dumps(chat, indent=1), "chat.md": self._transcript(),
                  "candidates.jsonl": "".join(json.dumps(c) + "\n" for c in self._candidates),
                  "usage.json": json.dumps(usage, indent=1)}
@@ -418,19 +469,87 @@ class GeniusSearcher(Searcher):
         for name, text in files.items():
             _write_text(self.log_dir / name, redact_text(text, [key]))
 
+    def _carry_logged(self) -> None:
+        """Keep the records that an earlier driver wrote to `log_dir` and this state lacks (a search that stopped
+        after its last checkpoint, or started again without one): they follow this state's own, so the logs only
+        ever grow. Done once per searcher (and again after `restore`)."""
+        if self._carried or self.log_dir is None:
+            return
+        self._carried = True
+        logged_chat = _read_json(self.log_dir / "chat.json") or {}
+        self._exchanges = _extended(self._exchanges, logged_chat.get("exchanges", []))
+        self._candidates = _extended(self._candidates, _read_jsonl(self.log_dir / "candidates.jsonl"))
+
     def _transcript(self) -> str:
-        """chat.md: each exchange's new messages (those its conversation did not already show) and its reply."""
+        """chat.md: each exchange's new messages (those its conversation did not already show) and its reply or
+        the error of the request."""
         lines = [f"# GENIUS chat with {self.model} ({self.variant}, persona {self.persona})", ""]
         shown: list[dict[str, str]] = []
         for exchange in self._exchanges:
             messages = exchange["messages"]
             new = messages[len(shown):] if messages[:len(shown)] == shown else messages
-            lines += [f"## Iteration {exchange['iteration']}, attempt {exchange['attempt']} "
-                      f"(served by {exchange['server_model']})", ""]
-            for message in new + [{"role": "assistant", "content": exchange["reply"]}]:
+            served = exchange["server_model"] or "no reply"
+            lines += [f"## Iteration {exchange['iteration']}, attempt {exchange['attempt']} (served by {served})", ""]
+            for message in new:
                 lines += [f"### {message['role']}", "", message["content"], ""]
-            shown = messages + [{"role": "assistant", "content": exchange["reply"]}]
+            shown = list(messages)
+            if exchange.get("error"):
+                lines += ["### request failed", "", exchange["error"], ""]
+                continue
+            lines += ["### assistant", "", exchange["reply"], ""]
+            shown.append({"role": "assistant", "content": exchange["reply"]})
         return "\n".join(lines)
+
+
+def usage_totals(exchanges: list[dict[str, Any]]) -> dict[str, int]:
+    """Requests sent (failed ones included, and counted apart) and the tokens of their replies."""
+    totals = {"requests": len(exchanges), "failed_requests": sum(bool(e.get("error")) for e in exchanges)}
+    totals.update({name: sum(e["usage"].get(name, 0) for e in exchanges) for name in TOKEN_COUNTS})
+    return totals
+
+
+def _completion(create: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """(response, first choice) of `create(**kwargs)`; BadBody when the body is not a chat completion (the client
+    returns a non-JSON body as a str and builds a JSON body of another shape without checking it)."""
+    try:
+        response = create(**kwargs)
+    except (openai.APIResponseValidationError, ValueError) as exc:  # ValueError: a JSON content type, no JSON
+        raise BadBody(f"a body that is not JSON ({type(exc).__name__}: {exc})") from None
+    if isinstance(response, str):
+        raise BadBody(f"a body that is not JSON: {response[:SHOWN_BODY]!r}")
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list) or not choices or getattr(choices[0], "message", None) is None:
+        raise BadBody(f"JSON that is not a chat completion (no choices[0].message): {str(response)[:SHOWN_BODY]}")
+    return response, choices[0]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _extended(own: list[dict[str, Any]], logged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`own` followed by the logged records it lacks: those after its length when the log begins with the same
+    (iteration, attempt, reply)s as `own` (the log of this state), else every logged record (nothing is dropped)."""
+    def ids(records: list[dict[str, Any]]) -> list[tuple[Any, Any, Any]]:
+        return [(r.get("iteration"), r.get("attempt"), r.get("reply")) for r in records]
+
+    same_start = ids(logged[:len(own)]) == ids(own)
+    return own + (logged[len(own):] if same_start else logged)
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in `path`, or None when it is missing or unreadable (a log written by nobody yet)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -25,11 +25,13 @@ Searchers, all `ray.tune.search.Searcher`s drawing "<space>:<code>" values for t
   truth of a small space (benchmarks/ground_truth.py); num_samples at least the number of networks.
 - genius: the LLM-driven search (orchestrator/genius.py).
 
-Every searcher counts an evaluation per trial; `num_samples` is the budget. The sweep's MLflow parent run gets
-the candidates in order (architectures.csv / .md: code, MFLOPs, params, metric, best so far), the search
-trajectory plot and the best architecture (tags best_arch, best_arch_mflops; also `search/best.json` in the sweep
-directory, which `config.arch: best:run:<sweep name>` of a retraining experiment reads); the table marks the
-candidates on the Pareto front of metric against MFLOPs. GENIUS adds its chat.
+Every searcher counts an evaluation per trial; `num_samples` is the budget. MFLOPs and parameters (the FLOPs window,
+NSGA-II's objective, GENIUS's records, the results below) come from `ArchCounts`: the benchmark table's own numbers
+when a `nas_bench` experiment's `config.table` lists them, else the space's count on the built network. The sweep's
+MLflow parent run gets the candidates in order (architectures.csv / .md: code, MFLOPs, params, metric, best so far),
+the search trajectory plot and the best architecture (tags best_arch, best_arch_mflops; also `search/best.json` in
+the sweep directory, which `config.arch: best:run:<sweep name>` of a retraining experiment reads); the table marks
+the candidates on the Pareto front of metric against MFLOPs. GENIUS adds its chat.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ from trainers.nas import SearchSpace, arch_value, get_space, parse_arch_value
 SEARCHER_NAMES = {"random": "random", "evolution": "evolution", "regularized_evolution": "evolution",
                   "tpe": "tpe", "optuna": "tpe", "nsga2": "nsga2", "nsga-ii": "nsga2", "exhaustive": "exhaustive",
                   "genius": "genius"}
+
+
+class SearchError(RuntimeError):
+    """A searcher cannot go on (e.g. GENIUS's endpoint fails); the sweep stops with its state kept for a resume.
+    `orchestrator search` prints the one-line message and exits with status 1."""
 
 
 def architecture_key(spec: ExperimentSpec) -> tuple[str, Distribution] | None:
@@ -89,6 +96,44 @@ def preflight(spec: ExperimentSpec, path: str | Path | None) -> None:
                         spec.tune.searcher.model_dump().get("api_key_env", "OPENAI_API_KEY")) from None
 
 
+class ArchCounts:
+    """MFLOPs and M params of a space's codes: as the benchmark table lists them (`table`: a `nas_bench` table file
+    with FLOPs and params fields, read on first use), else counted on the built network (space.flops / params)."""
+
+    def __init__(self, space: SearchSpace, table: str | None = None):
+        self.space, self.table = space, table
+        self._listed: dict[str, tuple[float, float]] | None = None  # code -> (MFLOPs, M params), not pickled
+
+    def flops(self, code: str) -> float:
+        listed = self._counts().get(code)
+        return listed[0] if listed else self.space.flops(code)
+
+    def params(self, code: str) -> float:
+        listed = self._counts().get(code)
+        return listed[1] if listed else self.space.params(code)
+
+    def _counts(self) -> dict[str, tuple[float, float]]:
+        if self._listed is None:
+            from trainers.nas_bench import load_table, table_counts
+
+            self._listed = table_counts(load_table(self.table, self.space.name)) if self.table else {}
+        return self._listed
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_listed": None}
+
+
+def arch_counts(spec: ExperimentSpec) -> ArchCounts:
+    """The counts of the experiment's architecture space, from its benchmark table when it is a `nas_bench` one
+    (on a space that has a table format: the table was checked against the space before Ray started)."""
+    from trainers.nas_bench import TABLE_FORMATS
+
+    _, distribution = architecture_key(spec)
+    space = get_space(distribution.args[0])
+    table = spec.config.get("table") if spec.method == "nas_bench" and space.name in TABLE_FORMATS else None
+    return ArchCounts(space, table)
+
+
 def searcher_class(name: str) -> type:
     name = SEARCHER_NAMES[name.lower()]
     if name == "genius":
@@ -106,7 +151,7 @@ def build_searcher(spec: ExperimentSpec, path: str | Path | None, log_dir: str |
     cls = searcher_class(spec.tune.searcher.name)
     kwargs = dict(spec.tune.searcher.model_extra or {})
     accepted = {n for n, p in inspect.signature(cls).parameters.items() if p.kind is p.KEYWORD_ONLY}
-    automatic = {"seed": spec.seed, "log_dir": log_dir}
+    automatic = {"seed": spec.seed, "log_dir": log_dir, "counts": arch_counts(spec)}
     for name in kwargs:
         if name not in accepted or name in automatic:
             choices = sorted(accepted - set(automatic))
@@ -125,12 +170,15 @@ def build_searcher(spec: ExperimentSpec, path: str | Path | None, log_dir: str |
 
 class ArchitectureSearcher(Searcher):
     """What the baselines share: the space, the trial key, networks already proposed (canonical codes), the
-    FLOPs window, and the evaluated history. Subclasses define `propose` and may define `observe`."""
+    FLOPs window (MFLOPs from `counts`, by default counted on the network), and the evaluated history. Subclasses
+    define `propose` and may define `observe`."""
 
     def __init__(self, space: SearchSpace, key: str, metric: str | None = None, mode: str | None = None, *,
-                 seed: int = 0, flops: tuple[float, float] | None = None, max_draws: int = 10_000):
+                 seed: int = 0, flops: tuple[float, float] | None = None, max_draws: int = 10_000,
+                 counts: ArchCounts | None = None):
         super().__init__(metric=metric, mode=mode)
         self.space, self.key, self.rng, self.max_draws = space, key, random.Random(seed), max_draws
+        self.counts = counts or ArchCounts(space)
         self.window = tuple(flops) if flops else space.flops_window
         if self.window is not None and not self.window[0] < self.window[1]:
             raise ValueError(f"flops: a window [low, high] in MFLOPs with low < high, got {list(self.window)}")
@@ -168,7 +216,7 @@ class ArchitectureSearcher(Searcher):
         return self.space.canonical(code) not in self.proposed and self.in_window(code)
 
     def in_window(self, code: str) -> bool:
-        return self.window is None or self.window[0] <= self.space.flops(code) <= self.window[1]
+        return self.window is None or self.window[0] <= self.counts.flops(code) <= self.window[1]
 
     def fresh(self, draw: Any) -> str | None:
         """The first of up to `max_draws` draws that is a new network inside the window."""
@@ -201,10 +249,10 @@ class RegularizedEvolution(ArchitectureSearcher):
 
     def __init__(self, space: SearchSpace, key: str, metric: str | None = None, mode: str | None = None, *,
                  population_size: int = 20, sample_size: int = 5, seed: int = 0,
-                 flops: tuple[float, float] | None = None):
+                 flops: tuple[float, float] | None = None, counts: ArchCounts | None = None):
         if not 1 <= sample_size <= population_size:
             raise ValueError(f"1 <= sample_size <= population_size, got {sample_size} and {population_size}")
-        super().__init__(space, key, metric, mode, seed=seed, flops=flops)
+        super().__init__(space, key, metric, mode, seed=seed, flops=flops, counts=counts)
         self.population_size, self.sample_size = population_size, sample_size
         self.population: deque[tuple[str, float]] = deque(maxlen=population_size)  # oldest first
 
@@ -224,8 +272,8 @@ class ExhaustiveSearch(ArchitectureSearcher):
     """Every canonical network of the space once, in code order (for spaces small enough to train every member)."""
 
     def __init__(self, space: SearchSpace, key: str, metric: str | None = None, mode: str | None = None, *,
-                 seed: int = 0, flops: tuple[float, float] | None = None):
-        super().__init__(space, key, metric, mode, seed=seed, flops=flops)
+                 seed: int = 0, flops: tuple[float, float] | None = None, counts: ArchCounts | None = None):
+        super().__init__(space, key, metric, mode, seed=seed, flops=flops, counts=counts)
         self.position = 0  # index into the space's codes in order
 
     def propose(self) -> str | None:
@@ -255,17 +303,17 @@ class NSGA2(ArchitectureSearcher):
 
     def __init__(self, space: SearchSpace, key: str, metric: str | None = None, mode: str | None = None, *,
                  population_size: int = 50, crossover_prob: float = 0.9, seed: int = 0,
-                 flops: tuple[float, float] | None = None):
+                 flops: tuple[float, float] | None = None, counts: ArchCounts | None = None):
         if population_size < 2 or not 0 <= crossover_prob <= 1:
             raise ValueError(f"population_size >= 2 and 0 <= crossover_prob <= 1, got {population_size} and "
                              f"{crossover_prob}")
-        super().__init__(space, key, metric, mode, seed=seed, flops=flops)
+        super().__init__(space, key, metric, mode, seed=seed, flops=flops, counts=counts)
         self.population_size, self.crossover_prob = population_size, crossover_prob
         self.evaluated: list[tuple[str, float, float]] = []  # (code, score: higher is better, MFLOPs)
 
     def observe(self, code: str, value: float | None) -> None:
         if value is not None:
-            self.evaluated.append((code, self.score(value), self.space.flops(code)))
+            self.evaluated.append((code, self.score(value), self.counts.flops(code)))
 
     def propose(self) -> str | None:
         if len(self.evaluated) + len(self.live) < self.population_size or len(self.evaluated) < 2:
@@ -332,8 +380,9 @@ class TPESearch(ArchitectureSearcher):
     """Tune's OptunaSearch (TPE sampler, seeded) over one categorical parameter per position."""
 
     def __init__(self, space: SearchSpace, key: str, metric: str | None = None, mode: str | None = None, *,
-                 n_startup_trials: int = 10, seed: int = 0, flops: tuple[float, float] | None = None):
-        super().__init__(space, key, metric, mode, seed=seed, flops=flops)
+                 n_startup_trials: int = 10, seed: int = 0, flops: tuple[float, float] | None = None,
+                 counts: ArchCounts | None = None):
+        super().__init__(space, key, metric, mode, seed=seed, flops=flops, counts=counts)
         self.n_startup_trials, self.seed = n_startup_trials, seed
         self.inner: Any = None  # OptunaSearch, created on first use
         self.asked = itertools.count()  # Optuna's own trial ids: ask0, ask1, ...
@@ -398,9 +447,9 @@ def write_best(sweep_dir: Any, spec: ExperimentSpec, best: dict[str, Any], paren
     import json
 
     key, _ = architecture_key(spec)
-    space, code = parse_arch_value(best[key])
-    record = {"arch": best[key], spec.tune.metric: best.get(spec.tune.metric), "mflops": space.flops(code),
-              "parent_run_id": parent_id}
+    _, code = parse_arch_value(best[key])
+    record = {"arch": best[key], spec.tune.metric: best.get(spec.tune.metric),
+              "mflops": arch_counts(spec).flops(code), "parent_run_id": parent_id}
     path = f"{sweep_dir.path}/{BEST_FILE}"
     sweep_dir.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with sweep_dir.fs.open_output_stream(f"{path}.partial") as stream:
@@ -418,15 +467,16 @@ def log_dir(sweep_dir: Any) -> str | None:
 def trajectory_rows(client: Any, spec: ExperimentSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The evaluated architectures in the order their trials started, with MFLOPs, params and the best so far."""
     key, _ = architecture_key(spec)
+    counts = arch_counts(spec)
     metric, better = spec.tune.metric, max if spec.tune.mode == "max" else min
     started = {r["run_id"]: client.get_run(r["run_id"]).info.start_time for r in rows}
     out, best = [], None
     for number, row in enumerate(sorted((r for r in rows if key in r), key=lambda r: started[r["run_id"]]), 1):
-        space, code = parse_arch_value(row[key])
+        _, code = parse_arch_value(row[key])
         value = row.get(metric)
         best = value if best is None else (best if value is None else better(best, value))
-        out.append({"evaluation": number, "trial": row["trial"], "arch": code, "mflops": round(space.flops(code), 3),
-                    "params_m": round(space.params(code), 4), metric: value, "best_so_far": best,
+        out.append({"evaluation": number, "trial": row["trial"], "arch": code, "mflops": round(counts.flops(code), 3),
+                    "params_m": round(counts.params(code), 4), metric: value, "best_so_far": best,
                     "status": row["status"]})
     sign = 1 if spec.tune.mode == "max" else -1
     scored = [r for r in out if r[metric] is not None]
@@ -452,10 +502,11 @@ def log_search(tracker: Any, parent_id: str, spec: ExperimentSpec, rows: list[di
             plot_trajectory(table, spec.tune.metric, spec.tune.mode, tmp / "search_trajectory.png")
             tracker.client.log_artifact(parent_id, str(tmp / "search_trajectory.png"))
     if best is not None and key in best:
-        space, code = parse_arch_value(best[key])
+        _, code = parse_arch_value(best[key])
+        counts = arch_counts(spec)
         tracker.client.set_tag(parent_id, "best_arch", best[key])
-        tracker.client.log_metric(parent_id, "best/arch_mflops", space.flops(code))
-        tracker.client.log_metric(parent_id, "best/arch_params_m", space.params(code))
+        tracker.client.log_metric(parent_id, "best/arch_mflops", counts.flops(code))
+        tracker.client.log_metric(parent_id, "best/arch_params_m", counts.params(code))
     tracker.client.set_tag(parent_id, "search.space", distribution.args[0])
     tracker.client.set_tag(parent_id, "search.searcher", spec.tune.searcher.name)
     if logs and Path(logs).is_dir():

@@ -269,7 +269,7 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
     trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, sweep=context), _trial_resources(spec))
     search_logs = nas_search.log_dir(sweep_dir)
     experiment_path = sweep_dir.display
-    if ray_tune.Tuner.can_restore(experiment_path):
+    if _restorable(sweep_dir):
         log.info("resuming sweep %s (MLflow parent run %s)", experiment_path, parent_id)
         _close_orphaned_children(tracker, parent_id)
         tuner = ray_tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=True)
@@ -294,6 +294,18 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
                 nas_search.write_best(sweep_dir, spec, best, parent_id)
         _finish_parent_run(tracker, parent_id, spec, rows, best, status)
     return SweepOutcome(parent_id, tracker.uri, sweep_dir.display, rows, best, resumed, status == "KILLED")
+
+
+def _restorable(sweep_dir: RunDir) -> bool:
+    """Tune saved the sweep's state (tuner.pkl and an experiment_state-*.json). With tuner.pkl alone (a sweep that
+    stopped before Tune's first checkpoint, e.g. GENIUS's endpoint failed at the first request) Tuner.restore would
+    start a new experiment of a single trial (it does not pass num_samples on), so the sweep starts afresh instead."""
+    import pyarrow.fs as pafs
+
+    if not ray_tune.Tuner.can_restore(sweep_dir.display):
+        return False
+    found = sweep_dir.fs.get_file_info(pafs.FileSelector(sweep_dir.path))
+    return any(info.base_name.startswith("experiment_state-") for info in found)
 
 
 def _close_orphaned_children(tracker: Any, parent_id: str) -> None:
@@ -453,10 +465,11 @@ def _log_architecture(tracker: Any, run_id: str, base: ExperimentSpec, config: d
     found = nas_search.architecture_key(base)
     if found is None or found[0] not in config:
         return
-    space, code = parse_arch_value(config[found[0]])
+    _, code = parse_arch_value(config[found[0]])
+    counts = nas_search.arch_counts(base)  # the benchmark table's numbers where it lists them
     tracker.client.set_tag(run_id, "arch", config[found[0]])
-    tracker.client.log_batch(run_id, metrics=_metrics({"arch/mflops": space.flops(code),
-                                                       "arch/params_m": space.params(code)}))
+    tracker.client.log_batch(run_id, metrics=_metrics({"arch/mflops": counts.flops(code),
+                                                       "arch/params_m": counts.params(code)}))
 
 
 def _child_name(trial_id: str, overrides: dict[str, Any]) -> str:

@@ -7,7 +7,8 @@ It is a real HTTP server (ThreadingHTTPServer on 127.0.0.1, a free port, in a da
 POST /v1/chat/completions in the OpenAI response format from a `policy(messages) -> reply text`. It keeps every
 request body (`requests`), every response (`responses`) and the Authorization header of each request
 (`authorizations`), so tests can check prompts, usage and that a key was sent. Tokens are counted as
-whitespace-separated words.
+whitespace-separated words. A policy may also answer badly: `RawReply` sends a status and a body of its own (an
+HTTP error, a 200 that is not JSON), `SlowReply` answers after a delay (a client timeout).
 
 As a script it serves fresh architectures of a space until interrupted:
 
@@ -23,13 +24,32 @@ import re
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Sequence
 
 from trainers.nas import get_space
 from trainers.nas.space import SearchSpace
 
-Policy = Callable[[list[dict[str, str]]], str]
+
+@dataclass(frozen=True)
+class RawReply:
+    """Sent as it is instead of a chat completion: an HTTP status, a body and its content type."""
+
+    status: int
+    body: str
+    content_type: str = "text/html"
+
+
+@dataclass(frozen=True)
+class SlowReply:
+    """The reply `text`, sent after `seconds` (past the client's timeout, the client sees a timeout)."""
+
+    seconds: float
+    text: str
+
+
+Policy = Callable[[list[dict[str, str]]], "str | RawReply | SlowReply"]
 INTEGER_LIST = re.compile(r"\[\s*-?\d+(?:\s*,\s*-?\d+)*\s*\]")
 
 
@@ -70,12 +90,19 @@ class OpenAIServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def complete(self, body: dict[str, Any], authorization: str | None) -> dict[str, Any]:
-        """One chat completion: record the request, ask the policy, answer in the OpenAI format."""
+    def complete(self, body: dict[str, Any], authorization: str | None) -> dict[str, Any] | RawReply:
+        """One chat completion: record the request, ask the policy, answer in the OpenAI format (or as the policy's
+        RawReply says)."""
         with self._lock:
             self.requests.append(body)
             self.authorizations.append(authorization)
             reply = self.policy(body["messages"])
+            if isinstance(reply, RawReply):
+                self.responses.append({"raw": reply})
+                return reply
+            if isinstance(reply, SlowReply):
+                time.sleep(reply.seconds)
+                reply = reply.text
             prompt_tokens = sum(count_tokens(message.get("content") or "") for message in body["messages"])
             completion_tokens = count_tokens(reply)
             response = {
@@ -101,15 +128,21 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # the policy's failure becomes the client's API error
             self._send(500, {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}})
             return
+        if isinstance(response, RawReply):
+            self._send(response.status, response.body, response.content_type)
+            return
         self._send(200, response)
 
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def _send(self, status: int, payload: dict[str, Any] | str, content_type: str = "application/json") -> None:
+        data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (a SlowReply)
+            pass
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
         """Quiet: tests read `requests` instead."""

@@ -7,6 +7,7 @@ mingkai-zheng/GENIUS@969d4f9 benchmark/), whose `flops` and `params` the spaces 
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import pytest
@@ -146,13 +147,28 @@ def test_wider_layers_cost_more(space) -> None:
     assert space.flops("1111111") < space.flops("4344424") < space.flops("4444444")
 
 
-@pytest.mark.parametrize("space, max_widths", [(RESNET, RESNET_MAX), (MOBILENET, MOBILENET_MAX)],
+OFFICIAL_OPTIONS = {  # the channel options as GENIUS's prompts show them (MobileNet's in aligned columns)
+    "channel_bench_res": ["[64, 128, 192, 256]"] * 3 + ["[128, 256, 384, 512]"] * 4,
+    "channel_bench_mob": ["[32,  64,  96,  128]"] + ["[192, 384, 576, 768]"] * 3 + [
+        "[64,  128, 192, 256]", "[384, 768, 1152, 1536]", "[256, 512, 768, 1024]"],
+}
+
+
+@pytest.mark.parametrize("space, block, example", [(RESNET, "BottleneckResidualBlock", "[64, 192, ..., 256]"),
+                                                   (MOBILENET, "InvertedResidual", "[64, 576, ..., 256]")],
                          ids=["res", "mob"])
-def test_prompt_lists_every_layers_widths(space, max_widths) -> None:
+def test_prompt_follows_the_official_layout(space, block, example) -> None:
+    """GENIUS's order (task, layer dictionary, block implementation, channel options, objective and answer format),
+    its block names, options and example answer; the implementation is a listing, not this project's source."""
     prompt = space.prompt()
-    for i, m in enumerate(max_widths):
-        assert f"channels[{i}]: {[d * m // 4 for d in range(1, 5)]}" in prompt.operations
-    assert "stride=2" in prompt.skeleton and "CIFAR10" in prompt.task
-    assert "7 numbers" in prompt.answer_format
-    block = "ResidualBlock" if space is RESNET else "InvertedResidual"
-    assert f"class {block}" in prompt.operations and prompt.skeleton.count(f"{block}(") == len(space.blocks)
+    text = prompt.text()
+    order = ["Your task is", "    layer1: nn.Conv2d(in_channels=3, out_channels=channels[0]", f"class {block}(",
+             "    channels[0]: ", "Your objective is", f"channel list of 7 numbers (e.g. {example})."]
+    assert [text.index(part) for part in order] == sorted(text.index(part) for part in order)
+    for i, options in enumerate(OFFICIAL_OPTIONS[space.name]):
+        assert f"\n    channels[{i}]: {options},\n" in prompt.operations
+    assert prompt.skeleton.count(f"{block}(in_channels=channels[") == len(space.blocks)
+    assert "bottleneck_channels=channels[1]" in prompt.skeleton and "stride=2" in prompt.skeleton
+    assert "out_features=10)," in prompt.skeleton and "CIFAR10" in prompt.task
+    assert inspect.getsource(space.block_type) not in text and prompt.answer_name == "channel list"
+    assert prompt.ask_better is (space is MOBILENET)  # GENIUS's ResNet script asks for "a channel list"

@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from openai_server import FreshArchitecturePolicy, OpenAIServer, ScriptedPolicy
+from openai_server import FreshArchitecturePolicy, OpenAIServer, RawReply, ScriptedPolicy, SlowReply
 
-from orchestrator.genius import PERSONAS, REASONED_SUFFIX, SUFFIX, GeniusError, GeniusSearcher
+from orchestrator.genius import EXPERIMENTS_HEADER, PERSONAS, REASONED_SUFFIX, SUFFIX, GeniusError, GeniusSearcher
 from trainers.nas import get_space
 
 BENCHMARK = Path("/work/shared/data/nas-bench-macro_cifar10.json")
 KEY, METRIC = "config.arch", "eval/accuracy"
 FAKE_KEY = "sk-genius-test-3f9c1d2e7a-never-log-me"
 SERVED_MODEL = "served-model-2024-01-01"
+LIST_ONLY = SUFFIX.format(answer="operation ID list")  # NAS-Bench-Macro's answer is an operation ID list
+REASONED = REASONED_SUFFIX.format(answer="operation ID list")
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +93,58 @@ def test_good_answer_becomes_the_trial_config_and_the_search_is_sequential(space
     assert (body["model"], body["temperature"], body["n"]) == ("test-gpt", 0.0, 1) and "max_tokens" not in body
     assert body["messages"][0] == {"role": "system", "content": PERSONAS["expert"]}
     [user] = user_turns(body)
-    assert all(part in user for part in (prompt.task, prompt.operations, prompt.skeleton, prompt.answer_format))
-    assert user.endswith(SUFFIX) and "experimental results" not in user
+    assert user == prompt.text() + "\n" + LIST_ONLY  # the suffix on the line after the body, as the official
     assert server.authorizations == [f"Bearer {FAKE_KEY}"]
+
+
+MACRO_ROWS = [  # GENIUS's NAS-Bench-Macro layer dictionary, spacing included
+    "    layer1:  {defined: True,  operation: nn.Conv2d(in_channels=3,  out_channels=32, kernel_size=3, padding=1, "
+    "bias=False)},",
+    "    layer2:  {defined: False, downsample: True , in_channels: 32,  out_channels: 64 , stride: 2},",
+    "    layer6:  {defined: False, downsample: False, in_channels: 128, out_channels: 128, stride: 1},",
+    "    layer9:  {defined: False, downsample: False, in_channels: 256, out_channels: 256, stride: 1},",
+    "    layer10: {defined: True,  operation: nn.Conv2d(in_channels=256, out_channels=1280, kernel_size=1, bias=False, "
+    "stride=1)},",
+    "    layer12: {defined: True,  operation: nn.Linear(in_features=1280, out_features=10)},",
+]
+
+
+def test_the_macro_prompt_has_the_official_parts_layout_and_names(space) -> None:
+    """The catalogue with signatures and block listings (not this project's source), the aligned layer dictionary,
+    the answer called an "operation ID list" in the answer format, the experiments block and the suffix."""
+    import inspect
+
+    from trainers.nas import nas_bench_macro
+
+    prompt = space.prompt()
+    text = prompt.text()
+    assert "\n0: Identity(in_channels, out_channels, stride)\n" in prompt.operations
+    assert "\n2: InvertedResidual(in_channels, out_channels, stride, expansion=6, kernel_size=5)\n" in prompt.operations
+    assert "class Identity(nn.Module):" in text and "class InvertedResidual(nn.Module):" in text
+    for cls in (nas_bench_macro.Identity, nas_bench_macro.InvertedResidual):
+        assert inspect.getsource(cls) not in text and (cls.__doc__ or "") not in text
+    assert all(row + "\n" in prompt.skeleton for row in MACRO_ROWS)
+    assert prompt.answer_format.startswith("Your response should be an operation ID list for the undefined layers")
+    order = ["Your task is", "0: Identity(", "class InvertedResidual", "layer12:", "layer2 - layer9", "[1, 2, ..., 0]"]
+    assert [text.index(part) for part in order] == sorted(text.index(part) for part in order)
+
+
+@pytest.mark.parametrize(("name", "request_line"), [
+    ("nas_bench_macro", "Please suggest a better operation ID list that improves"),
+    ("channel_bench_res", "Please suggest a channel list that improves"),
+    ("channel_bench_mob", "Please suggest a better channel list that improves")])
+def test_later_prompts_are_body_experiments_suffix_on_consecutive_lines(name: str, request_line: str,
+                                                                         tmp_path: Path) -> None:
+    space = get_space(name)
+    with serving([], FreshArchitecturePolicy(space, seed=5)) as server:
+        searcher = searcher_for(server, space, tmp_path)
+        code = code_of(searcher.suggest("t0"))
+        searcher.on_trial_complete("t0", {METRIC: 0.91234})
+        searcher.suggest("t1")
+    [user] = user_turns(server.requests[-1])
+    suffix = SUFFIX.format(answer=space.prompt().answer_name)
+    experiments = f"{EXPERIMENTS_HEADER}\n{space.answer_list(code)} gives an accuracy of 91.23%\n\n{request_line}"
+    assert user.startswith(space.prompt().text() + "\n" + experiments) and user.endswith("results.\n" + suffix)
 
 
 def test_prose_and_code_fences_around_the_list_are_tolerated(space, tmp_path: Path) -> None:
@@ -109,7 +160,7 @@ def test_reasoned_answers_end_with_the_list_when_asked(space, tmp_path: Path) ->
     with serving(replies) as server:
         assert code_of(searcher_for(server, space, tmp_path, list_only=False).suggest("t0")) == "11112222"
     first, retry = user_turns(server.requests[0])[-1], user_turns(server.requests[1])[-1]
-    assert first.endswith(REASONED_SUFFIX) and SUFFIX not in first and retry.endswith(REASONED_SUFFIX)
+    assert first.endswith(REASONED) and LIST_ONLY not in first and retry.endswith(REASONED)
 
 
 def test_malformed_and_invalid_replies_are_answered_in_the_same_conversation(space, tmp_path: Path) -> None:
@@ -125,7 +176,7 @@ def test_malformed_and_invalid_replies_are_answered_in_the_same_conversation(spa
     assert "does not contain a list of 8 integers" in feedback[0]
     assert "has 8 positions, got 7" in feedback[1]
     assert "position 6" in feedback[2] and "allows 0..2" in feedback[2]
-    assert all(text.endswith(SUFFIX) for text in feedback)
+    assert all(text.endswith(LIST_ONLY) for text in feedback)
     assert [c["verdict"] for c in candidates(tmp_path)] == ["malformed", "invalid", "invalid", "accepted"]
     summary = searcher.summary()
     assert (summary["rejected_malformed"], summary["rejected_invalid"], summary["accepted"]) == (1, 2, 1)
@@ -182,11 +233,12 @@ def test_single_turn_prompt_lists_every_earlier_candidate(space, table: dict, tm
     assert [m["role"] for m in last] == ["system", "user"]  # rebuilt, not continued
     expected = [f"{digit_list(code)} gives an accuracy of {percent(table, code)}%" for code in codes]
     expected[2] = f"{digit_list(codes[2])} failed to train, so it has no accuracy"
-    lines = last[1]["content"].split("Here are some experimental results that you can use as a reference:\n")[1]
+    lines = last[1]["content"].split(EXPERIMENTS_HEADER + "\n")[1]
     assert lines.splitlines()[:4] == expected
     assert all(len(decimals) == 2 for decimals in re.findall(r"accuracy of \d+\.(\d+)%", last[1]["content"]))
-    assert "Please suggest a better list that can improve the model's performance on CIFAR10" in last[1]["content"]
-    assert last[1]["content"].endswith(SUFFIX)
+    assert "Please suggest a better operation ID list that improves the model's performance on CIFAR10" in \
+        last[1]["content"]
+    assert last[1]["content"].endswith(LIST_ONLY)
     assert [entry["accuracy"] is None for entry in searcher.history()] == [False, False, True, False]
 
 
@@ -196,7 +248,7 @@ def test_multi_turn_keeps_one_growing_conversation(space, table: dict, tmp_path:
         codes = [train(searcher, table, f"t{i}") for i in range(3)]
     bodies = [body["messages"] for body in server.requests]
     assert bodies[0][0] == {"role": "system", "content": PERSONAS["quoc_le"]}
-    assert "experimental results" not in bodies[0][1]["content"]
+    assert EXPERIMENTS_HEADER not in bodies[0][1]["content"]
     for before, after, code in zip(bodies, bodies[1:], codes):
         assert after[:-2] == before and after[-2] == {"role": "assistant", "content": digit_list(code)}
         assert after[-1]["content"].startswith(f"By using this model, we achieved an accuracy of "
@@ -292,6 +344,68 @@ def test_save_and_restore_continue_the_same_search(space, table: dict, tmp_path:
     assert len(runs["restored"][2]) == 5
     restored_chat = json.loads((tmp_path / "restored" / "chat.json").read_text())["exchanges"]
     assert len(restored_chat) == 5  # the restored searcher's log continues the original one
+
+
+def test_a_restored_search_keeps_the_records_written_after_its_checkpoint(space, table: dict, tmp_path: Path) -> None:
+    """A search that failed after its last checkpoint is resumed from that checkpoint: the requests and rejected
+    replies written since stay in the logs (before the new ones), and so do the request counts."""
+    checkpoint, logs = tmp_path / "searcher.json", tmp_path / "search"
+    replies = ["[0, 0, 0, 0, 0, 0, 0, 1]", "no list", "still no list", "[1, 1, 1, 1, 1, 1, 1, 1]"]
+    with serving(replies) as server:
+        searcher = searcher_for(server, space, logs, max_retries=1)
+        train(searcher, table, "t0")
+        searcher.save(str(checkpoint))
+        with pytest.raises(GeniusError, match="after 1 re-prompts"):
+            searcher.suggest("t1")
+        failed = candidates(logs)
+        resumed = searcher_for(server, space, logs, max_retries=1)
+        resumed.restore(str(checkpoint))
+        assert code_of(resumed.suggest("t1")) == "11111111"
+    assert [c["reply"] for c in candidates(logs)] == replies and candidates(logs)[:3] == failed
+    assert json.loads((logs / "usage.json").read_text())["requests"] == len(server.requests) == 4
+    assert len(json.loads((logs / "chat.json").read_text())["exchanges"]) == 4
+    with serving(["[2, 1, 1, 1, 1, 1, 1, 1]"]) as server:  # started again without a checkpoint: its iteration 1
+        assert code_of(searcher_for(server, space, logs).suggest("t0")) == "21111111"
+    assert [c["reply"] for c in candidates(logs)] == replies + ["[2, 1, 1, 1, 1, 1, 1, 1]"]
+    assert json.loads((logs / "usage.json").read_text())["requests"] == 5
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    (RawReply(200, "<html>busy</html>"), r"answered HTTP 200 with a body that is not JSON: '<html>busy</html>'"),
+    (RawReply(200, '{"object": "error"}', "application/json"), r"JSON that is not a chat completion"),
+    (RawReply(503, '{"error": {"message": "overloaded"}}', "application/json"), r"InternalServerError.*overloaded"),
+    (RawReply(401, '{"error": {"message": "bad key"}}', "application/json"), r"AuthenticationError.*bad key"),
+])
+def test_endpoint_failures_are_one_line_errors_with_every_request_recorded(space, tmp_path: Path, fault,
+                                                                          message: str) -> None:
+    """Retried `request_retries` times (not a 4xx), each try recorded as a failed request, then one GeniusError."""
+    with serving([fault] * 3) as server:
+        searcher = searcher_for(server, space, tmp_path, request_retries=1)
+        with pytest.raises(GeniusError, match=r"iteration 1, attempt 1: the request for model 'test-gpt' at .*"
+                                              + message) as caught:
+            searcher.suggest("t0")
+    tries = 1 if fault.status == 401 else 2
+    assert len(server.requests) == tries and "\n" not in str(caught.value)
+    usage = json.loads((tmp_path / "usage.json").read_text())
+    assert usage["requests"] == usage["failed_requests"] == tries and not (tmp_path / "candidates.jsonl").read_text()
+
+
+def test_a_reply_slower_than_the_timeout_is_a_timeout(space, tmp_path: Path) -> None:
+    with serving([SlowReply(2.0, "[1, 1, 1, 1, 1, 1, 1, 1]")]) as server:
+        searcher = searcher_for(server, space, tmp_path, request_retries=0, request_timeout=0.5)
+        with pytest.raises(GeniusError, match="APITimeoutError"):
+            searcher.suggest("t0")
+    assert json.loads((tmp_path / "chat.json").read_text())["exchanges"][0]["error"].startswith("failed: APITimeout")
+
+
+def test_no_server_listening_is_a_one_line_error_after_the_retries(space, tmp_path: Path) -> None:
+    with OpenAIServer(ScriptedPolicy([])) as server:
+        base_url = server.base_url  # a port that was free and is closed again below
+    searcher = GeniusSearcher(space, KEY, METRIC, "max", model="test-gpt", base_url=base_url, request_retries=1,
+                              log_dir=str(tmp_path))
+    with pytest.raises(GeniusError, match=r"failed: APIConnectionError: Connection error\. \(after 1 retries\)$"):
+        searcher.suggest("t0")
+    assert json.loads((tmp_path / "usage.json").read_text())["failed_requests"] == 2
 
 
 def test_the_searcher_pickles_and_goes_on(space, table: dict, tmp_path: Path) -> None:

@@ -122,10 +122,21 @@ def test_output_shapes() -> None:
     assert model(x).shape == (2, 7) and model.features(x).shape == (2, 64)
 
 
-def test_prompt() -> None:
+def test_prompt_follows_the_official_layout() -> None:
+    """GENIUS's NB201 prompt in order: the expert role and task, the 5 operations (one per line, with comments), the
+    stages and their equations, the Block class, the step-by-step instructions; plus the list the answer must end
+    with (the official script had a human type the IDs). No source of this project's modules is pasted in."""
     prompt = SPACE.prompt()
-    for digit, op in enumerate(("Zeroize()", "nn.Identity()", "kernel_size=1", "kernel_size=3", "nn.AvgPool2d")):
-        assert f"{digit}: " in prompt.operations and op in prompt.operations
+    text = prompt.text()
+    assert prompt.task.startswith("You are an expert in the field of neural architecture search.")
+    for digit, op in enumerate(("Zeroize()     #", "nn.Identity() #", "ReLUConvBN(channels, channels, kernel_size=1",
+                                "ReLUConvBN(channels, channels, kernel_size=3", "nn.AvgPool2d(kernel_size=3")):
+        assert f"\n{digit}: {op}" in prompt.operations
     for line in ("s1 = op0(s0)", "s2 = op1(s0) + op2(s1)", "s3 = op3(s0) + op4(s1) + op5(s2)"):
-        assert line in prompt.skeleton
-    assert "CIFAR10" in prompt.task and "6 operation IDs" in prompt.answer_format
+        assert f"computed as {line}." in prompt.skeleton and f"        {line.replace('op', 'self.op')}\n" in text
+    order = ["Your task is", "0: Zeroize()", "op_list = [op0, op1, op2, op3, op4, op5]", "class Block(nn.Module):",
+             "step by step", "analyse the 5 available operations", "think about the gradient flow",
+             "list of 6 operation IDs",
+             "Please do not suggest a design that was already suggested"]
+    assert [text.index(part) for part in order] == sorted(text.index(part) for part in order)
+    assert "class ReLUConvBN" not in text and "CIFAR" not in text  # the official prompt names no dataset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -139,6 +140,110 @@ def test_table_of_another_benchmark_is_refused(tmp_path: Path) -> None:
     broken.write_text('{"0000')
     with pytest.raises(SpecError, match="a JSON file"):
         load_for_running(_experiment(tmp_path, config__table=str(broken)))
+
+
+# ---------------------------------------------------------------------------------------------- tables vs spaces
+
+
+@pytest.fixture(scope="module")
+def resnet_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Channel-Bench ResNet table in the benchmark's format (every code; mean accuracies made up from the code),
+    whose FLOPs and params are the hand counts of tests/test_channel_bench_macro.py, i.e. the official file's."""
+    from test_channel_bench_macro import resnet_counts
+
+    entries = {}
+    for digits in itertools.product("1234", repeat=7):
+        code = "".join(digits)
+        flops, params = resnet_counts(code)
+        mean = 90 + sum(int(d) for d in code) / 10
+        entries[code] = {"acc": [mean] * 3, "mean": mean, "std": 0.0, "flops": flops, "params": params}
+    path = tmp_path_factory.mktemp("tables") / "Results_ResNet.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
+def channel_experiment(tmp_path: Path, space: str, table: Path) -> Path:
+    raw = yaml.safe_load((ROOT / "experiments" / "genius" / "channel_bench_mob.yaml").read_text())
+    raw["config"] = {"arch": f"{space}:1111111", "table": str(table)}
+    raw["tune"]["space"] = {"config.arch": {"architecture": space}}
+    raw["tune"]["searcher"] = {"name": "evolution", "population_size": 5, "sample_size": 2}
+    path = tmp_path / f"{space}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_swapped_channel_bench_table_is_refused_before_ray_naming_its_space(tmp_path: Path,
+                                                                               resnet_table: Path) -> None:
+    """Same fields, same size: only the counts tell the ResNet file from the MobileNet one."""
+    load_for_running(channel_experiment(tmp_path, "channel_bench_res", resnet_table))
+    command = [sys.executable, "-m", "orchestrator", "search",
+               str(channel_experiment(tmp_path, "channel_bench_mob", resnet_table)), "--set",
+               f"storage_path={tmp_path / 'runs'}"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "config.table" in line and str(resnet_table) in line
+    assert "is this the channel_bench_res table?" in line and "'1111111' lists 90.097 MFLOPs" in line
+    assert "Ray" not in done.stderr and not (tmp_path / "runs").exists()
+
+
+def test_table_keys_of_another_form_are_refused_before_ray(tmp_path: Path, entries: dict) -> None:
+    """The macro table keyed by GENIUS's answer lists: right fields and count, keys that are no codes."""
+    relisted = tmp_path / "listed.json"
+    relisted.write_text(json.dumps({str([int(d) for d in code]): entry for code, entry in entries.items()}))
+    with pytest.raises(SpecError, match=r"config\.table: expected the nas_bench_macro benchmark: keys that are "
+                                        r"nas_bench_macro architectures, e\.g\. '00000000'.*key '\[\d(, \d){7}\]': "
+                                        r"nas_bench_macro has 8 positions"):
+        load_for_running(_experiment(tmp_path, config__table=str(relisted)))
+
+
+def test_the_official_nas_bench_201_pth_is_refused_with_the_json_expected(tmp_path: Path) -> None:
+    import torch
+
+    pth = tmp_path / "NAS-Bench-201-v1_0-e61699.pth"
+    torch.save({"meta_archs": ["|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2|"]}, pth)
+    raw = yaml.safe_load((ROOT / "experiments" / "genius" / "nas_bench_201.yaml").read_text())
+    raw["config"]["table"] = str(pth)
+    path = tmp_path / "nb201.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError) as caught:
+        load_for_running(path)
+    message = str(caught.value)
+    assert caught.value.key == "config.table" and "utf-8" not in message
+    assert "JSON table keyed by cell string" in message and "val_acc_200" in message and "nas_201_api" in message
+
+
+def test_searchers_take_flops_and_params_from_the_table_without_building_networks(tmp_path: Path,
+                                                                                  resnet_table: Path) -> None:
+    from trainers.nas.space import network_counts
+
+    spec = spec_mod.load(channel_experiment(tmp_path, "channel_bench_res", resnet_table))
+    searcher = build_searcher(spec, None, None)
+    searcher.window = (100.0, 400.0)
+    table = load_table(str(resnet_table), "channel_bench_res")
+    built = network_counts.cache_info().misses
+    codes = drive(searcher, table, 30)
+    assert network_counts.cache_info().misses == built  # no network was built to count it
+    res = get_space("channel_bench_res")
+    assert all(100.0 <= searcher.counts.flops(c) <= 400.0 for c in codes)
+    assert [searcher.counts.flops(c) for c in codes[:2]] == [res.flops(c) for c in codes[:2]]
+
+
+def test_the_benchmark_script_searches_any_space_and_refuses_a_swapped_table(tmp_path: Path,
+                                                                            resnet_table: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("GENIUS_BASE_URL", None)
+    script = str(ROOT / "benchmarks" / "nas_search.py")
+    command = [sys.executable, script, "--space", "channel_bench_res", "--table", str(resnet_table), "--seeds", "2",
+               "--evaluations", "10", "--out", str(tmp_path / "res")]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "res.json").read_text())
+    assert results["optimum"] == 92.8 and set(results["results"]) == {"random", "evolution", "tpe"}
+    assert all(r["summary"]["10"]["runs"] == 2 for r in results["results"].values())
+    swapped = subprocess.run([*command[:3], "channel_bench_mob", *command[4:]], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert swapped.returncode == 1 and "is this the channel_bench_res table?" in swapped.stderr
 
 
 def drive(searcher, table, evaluations: int) -> list[str]:

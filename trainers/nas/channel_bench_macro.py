@@ -34,13 +34,19 @@ tabulated, so `canonical` is the identity.
 Deviations from the official code, none of which changes a count or the function computed: the ReLU after each
 ResNet block lives inside the block rather than in the network's forward; the module names differ (the linear
 head is `Classifier.head`), so official state dicts do not load as they are. The official README's table says
-stage 2 runs at 16 px; the code (and the table's FLOPs) has it at 8 px, which is what is built here. GENIUS's
-prompt shows the stem without its stride 2; the prompt here shows it.
+stage 2 runs at 16 px; the code (and the table's FLOPs) has it at 8 px, which is what is built here.
+
+GENIUS's prompt (mingkai-zheng/GENIUS channel_bench_res.py / channel_bench_mob.py) in this project's words: the same
+parts in the same order (task; the layer dictionary; the block's implementation; the channel options per index, the
+MobileNet ones in aligned columns as there; the objective and the answer format with the official example list) and
+the block names and arguments the official prompt uses (BottleneckResidualBlock with bottleneck_channels for the
+ResNet, InvertedResidual for the MobileNet). What differs: the sentences are worded anew; the block implementations
+are listings written for the prompt (same layers and shortcut rule as the official ones and as the blocks above, not
+the source of either); the stem shows its stride 2, which GENIUS's prompt leaves out although the network has it.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
@@ -96,6 +102,44 @@ class InvertedResidual(nn.Module):
         return self.conv(x) + x if self.use_shortcut else self.conv(x)
 
 
+RESIDUAL_LISTING = """class BottleneckResidualBlock(nn.Module):
+    def __init__(self, in_channels, bottleneck_channels, out_channels, stride):
+        super().__init__()
+        self.residual = stride == 1
+        self.block = nn.Sequential(
+            nn.Conv2d(in_channels, bottleneck_channels, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(bottleneck_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(bottleneck_channels, out_channels, 3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.block(x)
+        return self.relu(out + x) if self.residual else self.relu(out)"""
+
+INVERTED_LISTING = """class InvertedResidual(nn.Module):
+    def __init__(self, in_channels, out_channels, bottleneck_channels, stride):
+        super().__init__()
+        self.residual = stride == 1 and in_channels == out_channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, bottleneck_channels, kernel_size=1, stride=1, padding=0, bias=False),
+            nn.BatchNorm2d(bottleneck_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(bottleneck_channels, bottleneck_channels, kernel_size=3, stride=stride, padding=1,
+                      groups=bottleneck_channels, bias=False),
+            nn.BatchNorm2d(bottleneck_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(bottleneck_channels, out_channels, kernel_size=1, stride=1, padding=0, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+
+    def forward(self, x):
+        out = self.conv(x)
+        return out + x if self.residual else out"""
+
+
 def stem(in_channels: int, width: int) -> list[nn.Module]:
     """(B, in_channels, 32, 32) -> (B, width, 16, 16)."""
     return [nn.Conv2d(in_channels, width, 3, STEM_STRIDE, padding=1, bias=False), nn.BatchNorm2d(width),
@@ -108,6 +152,11 @@ class ChannelBenchMacro(SearchSpace):
     max_widths: tuple[int, ...]
     blocks: tuple[tuple[int, int, int, int], ...]
     block_type: type[nn.Module]
+    prompt_block: str  # the block's name in GENIUS's prompt
+    block_listing: str  # the block's implementation as the prompt shows it
+    aligned_options: bool  # the channel options in aligned columns (the official MobileNet prompt)
+    ask_better: bool  # the experiments block asks for "a better channel list" (MobileNet), or "a channel list"
+    answer_example: tuple[tuple[int, int], ...]  # (position, option) of the three numbers of the example answer
     choices = (LEVELS,) * 7
     first_digit = 1
     input_size = 32
@@ -146,32 +195,39 @@ class ChannelBenchMacro(SearchSpace):
 
     def prompt(self) -> SpacePrompt:
         return SpacePrompt(task=TASK, operations=self._operations(), skeleton=self._skeleton(),
-                           answer_format=self._answer_format())
+                           answer_format=self._answer_format(), answer_name="channel list", ask_better=self.ask_better,
+                           order=("task", "skeleton", "operations", "answer_format"))
 
     def _operations(self) -> str:
-        rows = [f"    channels[{i}]: {list(self.candidates(i))}" for i in range(len(self.choices))]
-        return (f"The implementation of the {self.block_type.__name__} is as follows:\n"
-                f"{inspect.getsource(self.block_type)}\n"
-                "For the `channels` variable, the available channel numbers for each index are:\n{\n"
-                + ",\n".join(rows) + "\n}")
+        """The block's implementation, then the channel numbers each index of `channels` may take."""
+        rows = [f"    channels[{i}]: {self._options(i)}," for i in range(len(self.choices))]
+        return (f"The {self.prompt_block} is implemented as follows:\n{self.block_listing}\n\n"
+                "For the `channels` variable, the channel numbers available at each index are:\n{\n"
+                + "\n".join(rows) + "\n}")
+
+    def _options(self, position: int) -> str:
+        """The candidates of a position as a list, e.g. "[32,  64,  96,  128]" with `aligned_options`."""
+        *first, last = self.candidates(position)
+        numbers = [f"{width},".ljust(4 if self.aligned_options else 0) for width in first]
+        return "[" + " ".join(numbers + [str(last)]) + "]"
 
     def _skeleton_rows(self) -> list[str]:
         rows = [f"nn.Conv2d(in_channels=3, out_channels=channels[0], kernel_size=3, stride={STEM_STRIDE}, "
                 "padding=1, bias=False)"]
-        rows += [f"{self.block_type.__name__}(in_channels=channels[{i}], hidden_channels=channels[{h}], "
+        rows += [f"{self.prompt_block}(in_channels=channels[{i}], bottleneck_channels=channels[{h}], "
                  f"out_channels=channels[{o}], stride={stride})" for i, h, o, stride in self.blocks]
         return rows
 
     def _skeleton(self) -> str:
-        rows = [f"    layer{n}: {row}" for n, row in enumerate(self._skeleton_rows(), start=1)]
-        return ("The model architecture will be defined as the following.\n{\n" + ",\n".join(rows) + "\n}\n\n"
-                "Your objective is to define the optimal number of channels for each index of `channels`, choosing "
-                "from the options given above, to maximize the model's performance on CIFAR10.")
+        rows = [f"    layer{n}: {row}," for n, row in enumerate(self._skeleton_rows(), start=1)]
+        return "The model architecture is defined as follows.\n{\n" + "\n".join(rows) + "\n}"
 
     def _answer_format(self) -> str:
-        example = [self.candidates(0)[0], self.candidates(1)[2], self.candidates(-1)[3]]
-        return (f"Your response should be a channel list of {len(self.choices)} numbers, channels[0] to "
-                f"channels[{len(self.choices) - 1}] (e.g. [{example[0]}, {example[1]}, ..., {example[2]}]).")
+        example = [self.candidates(position)[option] for position, option in self.answer_example]
+        return ("Your objective is to choose the best number of channels for each layer from the options given above, "
+                "to maximize the model's performance on CIFAR10.\n"
+                f"Your response should be a channel list of {len(self.choices)} numbers (e.g. [{example[0]}, "
+                f"{example[1]}, ..., {example[2]}]).")
 
 
 class ChannelBenchResNet(ChannelBenchMacro):
@@ -179,6 +235,9 @@ class ChannelBenchResNet(ChannelBenchMacro):
     max_widths = RESNET_MAX_WIDTHS
     blocks = RESNET_BLOCKS
     block_type = ResidualBlock
+    prompt_block, block_listing = "BottleneckResidualBlock", RESIDUAL_LISTING
+    aligned_options, ask_better = False, False
+    answer_example = ((0, 0), (1, 2), (6, 1))  # (position, option) of the official example [64, 192, ..., 256]
 
     def build(self, code: str, num_classes: int, in_channels: int = 3) -> Classifier:
         widths = self.widths(code)
@@ -198,6 +257,9 @@ class ChannelBenchMobileNet(ChannelBenchMacro):
     max_widths = MOBILENET_MAX_WIDTHS
     blocks = MOBILENET_BLOCKS
     block_type = InvertedResidual
+    prompt_block, block_listing = "InvertedResidual", INVERTED_LISTING
+    aligned_options, ask_better = True, True
+    answer_example = ((0, 1), (1, 2), (6, 0))  # (position, option) of the official example [64, 576, ..., 256]
 
     def build(self, code: str, num_classes: int, in_channels: int = 3) -> Classifier:
         widths = self.widths(code)
@@ -210,14 +272,13 @@ class ChannelBenchMobileNet(ChannelBenchMacro):
     def _skeleton_rows(self) -> list[str]:
         c_in, c_out = MOBILENET_HEAD
         return super()._skeleton_rows() + [
-            f"nn.Conv2d(in_channels=channels[{c_in}], out_channels=channels[{c_out}], kernel_size=1, stride=1, "
-            "padding=0, bias=False)",
+            f"nn.Conv2d(channels[{c_in}], channels[{c_out}], kernel_size=1, stride = 1, padding=0, bias=False)",
             "nn.AdaptiveAvgPool2d(output_size=1)",
             f"nn.Linear(in_features=channels[{c_out}], out_features={self.num_classes_for_counts})"]
 
 
-TASK = ("Your task is to help me choose the best channel numbers for a given model architecture. The model will "
-        "be trained and tested on CIFAR10, and the objective is to maximize the model's performance on CIFAR10.")
+TASK = ("Your task is to help me choose the best channel numbers for a model architecture. The model will be "
+        "trained and tested on CIFAR10, and the goal is to maximize the model's performance on CIFAR10.")
 
 RESNET = ChannelBenchResNet()
 MOBILENET = ChannelBenchMobileNet()

@@ -44,8 +44,6 @@ its features come from `features` as in every Classifier; module names differ (n
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
@@ -173,43 +171,66 @@ class NasBench201(SearchSpace):
         return Classifier(nn.Sequential(*layers), channels, num_classes)
 
     def prompt(self) -> SpacePrompt:
-        return SpacePrompt(task=TASK, operations=_operations(), skeleton=_skeleton(), answer_format=ANSWER_FORMAT)
+        return SpacePrompt(task=TASK, operations=OPERATIONS, skeleton=_skeleton(), answer_format=ANSWER_FORMAT,
+                           answer_name="list of operation IDs")
 
 
-TASK = ("Your task is to help me choose the best operations for a neural network block built from a fixed set of "
-        "available operations. The network will be trained and tested on CIFAR10, and the goal is to maximise its "
-        "accuracy.")
+# GENIUS's prompt (mingkai-zheng/GENIUS nas_bench_201.py) in this project's words: the same parts in the same order
+# (the task, opened by the expert role; the 5 operations with their comments; the block's 6 operations, 4 stages
+# and their equations, and the Block class; the step-by-step instructions; the promise of feedback and the request
+# not to repeat a design). What differs: the sentences are worded anew, the Block class is a listing written for the
+# prompt, "kernal_size" is spelled kernel_size, and the instructions ask for the design as a list of 6 operation IDs
+# with an example (the official script had a human type the IDs in).
+TASK = ("You are an expert in the field of neural architecture search. Your task is to help me choose the best "
+        "operations for designing a neural network block from the available operations. The goal is to maximize "
+        "the model's performance.")
 
-_OP_TEXT = (
-    "Zeroize()  # outputs zeros whatever the input, so no signal or gradient passes along this edge",
-    "nn.Identity()  # skip connection",
-    "ReLUConvBN(channels, channels, kernel_size=1, stride=1, padding=0)  # keeps the channels",
-    "ReLUConvBN(channels, channels, kernel_size=3, stride=1, padding=1)  # keeps the channels",
-    "nn.AvgPool2d(kernel_size=3, stride=1, padding=1)  # keeps the spatial resolution",
-)
+OPERATIONS = """The 5 available operations are:
+0: Zeroize()     # Outputs a tensor of zeros whatever the input, which cuts the gradient flow between two nodes.
+1: nn.Identity() # A skip connection.
+2: ReLUConvBN(channels, channels, kernel_size=1, stride=1, padding=0) # Keeps the number of channels.
+3: ReLUConvBN(channels, channels, kernel_size=3, stride=1, padding=1) # Keeps the number of channels.
+4: nn.AvgPool2d(kernel_size=3, stride=1, padding=1)                   # Keeps the spatial resolution."""
 
-ANSWER_FORMAT = ("First analyse the available operations, then think about how gradients flow through the block "
-                 "(how the later feature maps affect the earlier ones), then propose a block. Give the design as a "
-                 f"list of {len(EDGES)} operation IDs [op0, op1, ..., op{len(EDGES) - 1}], for example "
-                 "[3, 3, 1, 3, 1, 3]. I will test the design and report its accuracy so that we can improve it "
-                 "together; do not propose a design that was already tested.")
+ANSWER_FORMAT = f"""Let's go through this step by step:
 
+First, please analyse the 5 available operations.
 
-def _operations() -> str:
-    rows = [f"{digit}: {text}" for digit, text in enumerate(_OP_TEXT)]
-    return (f"The {len(OP_NAMES)} available operations are:\n" + "\n".join(rows) + "\n\n"
-            f"The implementation of ReLUConvBN is as follows:\n{inspect.getsource(ReLUConvBN)}")
+Next, please think about the gradient flow implied by the Block class above, for example how the gradient of a later \
+stage reaches an earlier one.
+
+Then answer the question: how can a high-performance block be designed from the available operations?
+
+From this analysis, propose a block design made of the given operations that puts performance first, regardless of \
+size and complexity. Write the design as a list of {len(EDGES)} operation IDs [op0, op1, ..., op{len(EDGES) - 1}], \
+for example [3, 3, 1, 3, 1, 3].
+
+After you suggest a design, I will measure its actual performance and tell you the result; from the results of the \
+earlier experiments we can then improve the design together, step by step. Please do not suggest a design that was \
+already suggested during this process."""
 
 
 def _skeleton() -> str:
-    lines = [f"s{target} = " + " + ".join(f"op{i}(s{source})" for i, (t, source) in enumerate(EDGES) if t == target)
-             for target in (1, 2, 3)]
-    return (f"The block is defined by {len(EDGES)} operations, op_list = [op0, ..., op{len(EDGES) - 1}], placed "
-            "between its 4 feature maps s0, s1, s2 and s3. s0 is the block's input and\n" + "\n".join(lines) + "\n"
-            "s3 is the block's output and the input of the next block.\n\n"
-            f"The network stacks the block {CELLS_PER_STAGE} times at each of 3 widths ({CHANNELS}, {CHANNELS * 2}, "
-            f"{CHANNELS * 4} channels) after a 3x3 conv stem; a ResNet basic block with stride 2 doubles the width "
-            "between the widths, and BN, ReLU, global average pooling and a linear classifier end the network.")
+    """The block's operations, stages and equations, then its implementation."""
+    equations = [f"s{target} = " + " + ".join(f"op{i}(s{source})" for i, (t, source) in enumerate(EDGES) if t == target)
+                 for target in (1, 2, 3)]
+    calls = "\n".join(f"        {equation.replace('op', 'self.op')}" for equation in equations)
+    ops = ", ".join(f"op{i}" for i in range(len(EDGES)))
+    members = "\n".join(f"        self.op{i} = op_list[{i}]" for i in range(len(EDGES)))
+    return (f"The block is defined by {len(EDGES)} operations (op_list = [{ops}]), which act between the stages "
+            "of the block. The block has 4 stages, s0, s1, s2 and s3, each a distinct feature map of the network.\n\n"
+            "s0 is the input feature map of the block.\n"
+            f"s1 is computed as {equations[0]}.\n"
+            f"s2 is computed as {equations[1]}.\n"
+            f"s3 is computed as {equations[2]}. s3 is the output of the block and the input of the next block.\n\n"
+            "So the block is implemented as:\n"
+            "class Block(nn.Module):\n"
+            "    def __init__(self, channels, op_list):\n"
+            "        super().__init__()\n"
+            f"{members}\n\n"
+            "    def forward(self, s0):\n"
+            f"{calls}\n"
+            "        return s3")
 
 
 SPACE = NasBench201()

@@ -16,8 +16,6 @@ distinct networks; the table copies each canonical entry to all its codes.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
@@ -127,44 +125,86 @@ class NasBenchMacro(SearchSpace):
         return stem_layers, candidates, tail, head
 
     def prompt(self) -> SpacePrompt:
-        return SpacePrompt(task=TASK, operations=_operations(), skeleton=_skeleton(self), answer_format=ANSWER_FORMAT)
+        return SpacePrompt(task=TASK, operations=OPERATIONS, skeleton=_skeleton(self),
+                           answer_format=_answer_format(self), answer_name="operation ID list")
 
 
-TASK = ("Your task is to assist me in selecting the best operations for a given model architecture, which "
-        "includes some undefined layers and available operations. The model will be trained and tested on "
-        "CIFAR10, and your objective will be to maximize the model's performance on CIFAR10.")
+# GENIUS's prompt (mingkai-zheng/GENIUS nas_bench_macro.py) in this project's words: the same parts in the same order
+# and layout (the operation catalogue with each block's implementation, the layer dictionary with its columns
+# aligned, the answer format). What differs: the sentences are worded anew; the implementations are listings written
+# for the prompt (same layers, arguments and shortcut rule as the official ones and as `Identity` and
+# `InvertedResidual` above, not the source of either); the catalogue's "stride expansion=3" lacks no comma here.
+TASK = ("Your task is to help me choose the best operations for a model architecture that has some undefined layers, "
+        "given a set of available operations. The model will be trained and tested on CIFAR10, and the goal is to "
+        "maximize the model's performance on CIFAR10.")
 
-ANSWER_FORMAT = ("Your response should be an operation ID list for the undefined layers. For example:\n"
-                 "[1, 2, ..., 0] means we use operation 1 for layer2, operation 2 for layer3, ..., operation 0 "
-                 "for layer9.")
+OPERATIONS = """We define the 3 available operations as follows:
+0: Identity(in_channels, out_channels, stride)
+1: InvertedResidual(in_channels, out_channels, stride, expansion=3, kernel_size=3)
+2: InvertedResidual(in_channels, out_channels, stride, expansion=6, kernel_size=5)
 
+The Identity is implemented as follows:
+class Identity(nn.Module):
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:  # a 1x1 conv + BN where the shape changes
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
 
-def _operations() -> str:
-    return ("We define the 3 available operations as the following:\n"
-            "0: Identity(c_in, c_out, stride)\n"
-            "1: InvertedResidual(c_in, c_out, stride, expansion=3, kernel_size=3)\n"
-            "2: InvertedResidual(c_in, c_out, stride, expansion=6, kernel_size=5)\n\n"
-            f"The implementation of the Identity is as follows:\n{inspect.getsource(Identity)}\n"
-            f"The implementation of the InvertedResidual is as follows:\n{inspect.getsource(InvertedResidual)}")
+    def forward(self, x):
+        return x if self.downsample is None else self.downsample(x)
+
+The InvertedResidual is implemented as follows:
+class InvertedResidual(nn.Module):
+    def __init__(self, in_channels, out_channels, stride, expansion, kernel_size):
+        super().__init__()
+        hidden = in_channels * expansion
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, kernel_size=1, stride=1, padding=0, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, kernel_size=kernel_size, stride=stride, padding=kernel_size // 2, groups=hidden,
+                      bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, out_channels, kernel_size=1, stride=1, padding=0, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x):
+        out = self.conv(x)
+        return out + x if self.residual else out"""
 
 
 def _skeleton(space: NasBenchMacro) -> str:
-    shapes, head = space.layer_shapes(), space.head_channels
-    rows = [f"    layer1: {{defined: True, operation: nn.Conv2d(in_channels=3, out_channels={space.stem_channels}, "
-            "kernel_size=3, padding=1, bias=False)}"]
+    """The layer dictionary, columns aligned as in the official prompt, then which layers are to be chosen."""
+    shapes, head, last = space.layer_shapes(), space.head_channels, len(space.layer_shapes()) + 2
+    width = len(f"layer{last + 2}:") + 1  # the label column, e.g. "layer1:  " and "layer10: "
+    channels = len(str(max(c for shape in shapes for c in shape[:2])))  # the widest searched layer's width
+    rows = [f"{'layer1:':<{width}}{{defined: True,  operation: nn.Conv2d(in_channels=3,  out_channels="
+            f"{space.stem_channels}, kernel_size=3, padding=1, bias=False)}},"]
     for number, (c_in, c_out, stride) in enumerate(shapes, start=2):
-        rows.append(f"    layer{number}: {{defined: False, downsample: {stride == 2}, in_channels: {c_in}, "
-                    f"out_channels: {c_out}, stride: {stride}}}")
-    last = len(shapes) + 2
-    rows += [f"    layer{last}: {{defined: True, operation: nn.Conv2d(in_channels={shapes[-1][1]}, "
-             f"out_channels={head}, kernel_size=1, bias=False, stride=1)}}",
-             f"    layer{last + 1}: {{defined: True, operation: nn.AdaptiveAvgPool2d(output_size=1)}}",
-             f"    layer{last + 2}: {{defined: True, operation: nn.Linear(in_features={head}, "
-             "out_features=10)}"]
-    return ("The model architecture will be defined as the following.\n{\n" + ",\n".join(rows) + "\n}\n\n"
-            f"The currently undefined layers are layer2 - layer{last - 1}, and the in_channels and out_channels "
-            "have already been defined for each layer. To maximize the model's performance on CIFAR10, please "
-            "provide me with your suggested operation for the undefined layers only.")
+        rows.append(f"{f'layer{number}:':<{width}}{{defined: False, downsample: {str(stride == 2):<5}, "
+                    f"in_channels: {f'{c_in},':<{channels + 1}} out_channels: {c_out:<{channels}}, stride: {stride}}},")
+    rows += [f"{f'layer{last}:':<{width}}{{defined: True,  operation: nn.Conv2d(in_channels={shapes[-1][1]}, "
+             f"out_channels={head}, kernel_size=1, bias=False, stride=1)}},",
+             f"{f'layer{last + 1}:':<{width}}{{defined: True,  operation: nn.AdaptiveAvgPool2d(output_size=1)}},",
+             f"{f'layer{last + 2}:':<{width}}{{defined: True,  operation: nn.Linear(in_features={head}, "
+             f"out_features={space.num_classes_for_counts})}},"]
+    return ("The model architecture is defined as follows.\n{\n" + "\n".join(f"    {row}" for row in rows) + "\n}\n\n"
+            f"The layers still undefined are layer2 - layer{last - 1}; the in_channels and out_channels of every layer "
+            "are already fixed. To maximize the model's performance on CIFAR10, please give me the operation you "
+            "suggest for the undefined layers only.")
+
+
+def _answer_format(space: NasBenchMacro) -> str:
+    last = len(space.layer_shapes()) + 1
+    return ("Your response should be an operation ID list for the undefined layers, for example:\n"
+            f"[1, 2, ..., 0] means operation 1 for layer2, operation 2 for layer3, ..., operation 0 for layer{last}.")
 
 
 SPACE = NasBenchMacro()

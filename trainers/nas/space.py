@@ -26,12 +26,20 @@ class InvalidArchitecture(ValueError):
 
 @dataclass(frozen=True)
 class SpacePrompt:
-    """The space as GENIUS describes it to a language model (GENIUS's user prompt, parts 1-4)."""
+    """The space as GENIUS describes it to a language model (GENIUS's user prompt, parts 1-4), with what the
+    follow-up requests call the answer; `text()` is the prompt's body in the order of the official prompt."""
 
     task: str  # what to choose and what is maximised
     operations: str  # the numbered operation catalogue
     skeleton: str  # the macro network: which layers are searchable, channels and strides
     answer_format: str  # the required output format, with an example
+    order: tuple[str, ...] = ("task", "operations", "skeleton", "answer_format")  # the parts as the body shows them
+    answer_name: str = "list"  # the answer in the experiments block and the suffix, e.g. "operation ID list"
+    ask_better: bool = True  # the experiments block asks for "a better <answer_name>" (not Channel-Bench ResNet's)
+
+    def text(self) -> str:
+        """The parts in `order`, a blank line between two."""
+        return "\n\n".join(getattr(self, part) for part in self.order)
 
 
 class SearchSpace:
@@ -89,6 +97,10 @@ class SearchSpace:
     def table_key(self, code: str) -> str:
         """The key of `code` in the benchmark's own table file (default: the code itself)."""
         return self.validate(code)
+
+    def from_table_key(self, key: str) -> str:
+        """The code whose `table_key` is `key` (default: the key is the code); InvalidArchitecture otherwise."""
+        return self.validate(key)
 
     def validate(self, code: str) -> str:
         self.decode(code)
