@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention, get_relative_position_index
+from torch.utils.flop_counter import FlopCounterMode
 
 from lab_kernels.group_window_attention import (
     GroupWindowAttention,
@@ -15,6 +16,7 @@ from lab_kernels.group_window_attention import (
     resolve_group_size,
     window_ids,
 )
+from lab_kernels.grouping import grouping_cost
 
 DIM, HEADS = 16, 2
 
@@ -114,6 +116,36 @@ def test_fast_path_with_greenmim_unit_masks() -> None:
         for group_size in ("optimal", "fixed", 16):
             fast = module(x, coords, (16, 16), shift, group_size=group_size)
             torch.testing.assert_close(fast, module(x, coords, (16, 16), shift, reference=True))
+
+
+@pytest.mark.parametrize("group_size", ["optimal", "fixed", 40])
+def test_grouping_cost_is_what_the_fast_path_executes(group_size) -> None:
+    """torch's FLOP counter on the fast path (projections and SDPA) equals 2 x grouping_cost (multiply-adds) per
+    image: the cost the optimal grouping minimises is the one the kernel pays."""
+    module = make_module(4)
+    gen = torch.Generator().manual_seed(11)
+    coords = unit_visible(16, 2, 0.25, gen)
+    layout = module.plan(coords, (16, 16), 2, group_size)
+    ids = window_ids(coords, 4, 2, (16, 16))
+    sizes = torch.unique(ids, return_counts=True)[1].tolist()
+    x = torch.randn(3, coords.shape[0], DIM, generator=gen, dtype=torch.float64)
+    with FlopCounterMode(display=False) as counter:
+        module(x, coords, (16, 16), 2, layout=layout)
+    assert counter.get_total_flops() == 3 * 2 * grouping_cost(layout.group_size, sizes, DIM)
+
+
+def test_the_optimal_group_size_never_executes_more_than_the_fixed_one() -> None:
+    """Over GreenMIM-like unit masks on every stage grid of a scaled-down Swin (W-MSA and SW-MSA), the executed cost
+    (grouping_cost) of "optimal" is at most that of the official fixed size."""
+    gen = torch.Generator().manual_seed(5)
+    for size, unit, dim in [(28, 4, 32), (14, 2, 64), (8, 1, 128)]:
+        for trial in range(10):
+            coords = unit_visible(size, unit, 0.25, gen)
+            for shift in (0, 2):
+                sizes = torch.unique(window_ids(coords, 4, shift, (size, size)), return_counts=True)[1].tolist()
+                fixed = resolve_group_size("fixed", sizes, 4, dim)
+                optimal = resolve_group_size("optimal", sizes, 4, dim)
+                assert grouping_cost(optimal, sizes, dim) <= grouping_cost(fixed, sizes, dim), (size, trial, shift)
 
 
 def test_layout_puts_each_token_in_one_slot_and_groups_hold_whole_windows() -> None:

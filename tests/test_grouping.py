@@ -75,9 +75,9 @@ def test_group_windows_rejects_windows_larger_than_the_group() -> None:
 
 
 def test_grouping_cost_formula() -> None:
-    # g = 5 packs [3, 2] and [4]: 2 groups of 5 slots; per group 4 g C^2 + 2 g^2 C with C = 8
+    # g = 5 packs [3, 2] and [4]: projections of the 9 visible tokens (4 N C^2, C = 8) + 2 groups of 2 g^2 C
     assert group_windows(5, [3, 4, 2]) == [[0, 2], [1]]
-    assert grouping_cost(5, [3, 4, 2], 8) == 2 * (4 * 5 * 64 + 2 * 25 * 8)
+    assert grouping_cost(5, [3, 4, 2], 8) == 4 * 9 * 64 + 2 * (2 * 25 * 8)
 
 
 def exhaustive_optimum(sizes: list[int], dim: int, candidates: list[int]) -> int:
