@@ -31,7 +31,7 @@ from orchestrator import spec as spec_mod
 from orchestrator.launch import train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("stdlib_rope", "stdlib_complex", "stdlib_vq64", "stdlib_vq256", "stdlib_vq1024")
+VARIANTS = ("stdlib_rope", "stdlib_complex", "stdlib_complex_sqrt", "stdlib_vq64", "stdlib_vq256", "stdlib_vq1024")
 
 
 def median_seconds(fn, repeats: int) -> float:

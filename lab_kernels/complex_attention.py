@@ -105,15 +105,62 @@ def complex_qk(q: Tensor, k: Tensor, delta: Tensor, bias: Tensor, positions: Ten
     q, k (B, H, L, d), delta and bias (H, d/2), positions (L,) or (B, L) -> q', k' (B, H, L, d) in the dtype of q.
     """
     dtype = _angle_dtype(q)
-    lambda_q, theta_q = euler_transform(q.to(dtype))  # (B, H, L, d/2)
-    lambda_k, theta_k = euler_transform(k.to(dtype))
     position = _position_angles(positions, q.shape[-1], base, dtype)  # m g: (L, d/2) or (B, 1, L, d/2)
     delta, bias = delta[:, None, :].to(dtype), bias[:, None, :].to(dtype)  # (H, 1, d/2)
-    angle_q = delta * theta_q + bias + position  # A_m
-    angle_k = delta * theta_k + position  # B_n
-    q_rot = torch.cat([lambda_q * angle_q.cos(), lambda_q * angle_q.sin()], dim=-1)
-    k_rot = torch.cat([lambda_k * angle_k.cos(), lambda_k * angle_k.sin()], dim=-1)
+    q_rot = EulerRotation.apply(q.to(dtype), delta, bias + position)  # angle A_m = delta theta + b + m g
+    k_rot = EulerRotation.apply(k.to(dtype), delta, position)  # B_n = delta theta + n g
     return q_rot.to(q.dtype), k_rot.to(k.dtype)
+
+
+class EulerRotation(torch.autograd.Function):
+    """x (B, H, L, d) -> (u, w) = cat(lambda cos A, lambda sin A), with (lambda, theta) = euler_transform(x) and
+    A = delta theta + offset; delta (H, 1, d/2), offset broadcastable to (B, H, L, d/2) (b + m g for queries, n g for
+    keys). The backward pass is written out, from the output itself: with x = (r, p), the output's gradient (g_u,
+    g_w), M = g_u u + g_w w and N = g_w u - g_u w (= dL/dA),
+
+        dL/dr = M r / lambda^2 - delta N p / rho^2,   dL/dp = M p / lambda^2 + delta N r / rho^2,
+        dL/ddelta = sum N theta,                       dL/doffset = sum N
+
+    with lambda^2 = r^2 + p^2 + 1e-9 (the magnitude's) and rho^2 = r^2 + p^2 (atan2's): autograd's gradients of the
+    same formula. No transcendental function and about a dozen element-wise passes, against autograd's chain
+    through sqrt, atan2, cos, sin and cat."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, delta: Tensor, offset: Tensor) -> Tensor:
+        r, p = x.chunk(2, dim=-1)  # (B, H, L, d/2) each
+        squared = torch.addcmul(r * r, p, p).add_(EPS)  # lambda^2
+        phase = torch.atan2(p, r)
+        angle = torch.addcmul(offset, delta, phase)  # A
+        magnitude = squared.sqrt()
+        out = torch.empty_like(x)
+        torch.mul(magnitude, angle.cos(), out=out[..., : r.shape[-1]])
+        torch.mul(magnitude, angle.sin_(), out=out[..., r.shape[-1]:])
+        ctx.save_for_backward(x, delta, out, squared.reciprocal_(), phase)
+        ctx.offset_shape = offset.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, delta, out, inverse_squared, phase = ctx.saved_tensors
+        r, p = x.chunk(2, dim=-1)
+        u, w = out.chunk(2, dim=-1)
+        grad_u, grad_w = grad.chunk(2, dim=-1)
+        grad_angle = torch.addcmul(grad_w * u, grad_u, w, value=-1.0)  # N = dL/dA
+        radial = torch.addcmul(grad_u * u, grad_w, w).mul_(inverse_squared)  # M / lambda^2
+        tangential = (grad_angle * delta).div_(torch.addcmul(r * r, p, p))  # delta N / rho^2
+        grad_x = torch.empty_like(x)
+        torch.addcmul(radial * r, tangential, p, value=-1.0, out=grad_x[..., : r.shape[-1]])
+        torch.addcmul(radial * p, tangential, r, out=grad_x[..., r.shape[-1]:])
+        grad_delta = (grad_angle * phase).sum(dim=(0, 2))[:, None] if ctx.needs_input_grad[1] else None  # (H, 1, d/2)
+        grad_offset = _sum_to(grad_angle, ctx.offset_shape) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_delta, grad_offset
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """The gradient of a tensor of `shape` that was broadcast to grad's shape."""
+    grad = grad.sum(dim=tuple(range(grad.ndim - len(shape)))) if grad.ndim > len(shape) else grad
+    kept = [i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1]
+    return grad.sum(dim=kept, keepdim=True) if kept else grad
 
 
 class _CausalSelfAttention(nn.Module):

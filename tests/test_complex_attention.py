@@ -9,6 +9,7 @@ import torch
 
 from lab_kernels.complex_attention import (
     ComplexMultiHeadAttention,
+    EulerRotation,
     KVCache,
     RoPEMultiHeadAttention,
     apply_rope,
@@ -203,3 +204,14 @@ def test_cached_decoding_and_padding_masks_match_the_full_causal_pass(module) ->
     out = attention(padded, positions, key_mask=key_mask)
     torch.testing.assert_close(out[:, 3:], attention(x[:1, :4]))
     assert torch.isfinite(out).all()  # padding rows attend to themselves, never to nothing
+
+
+def test_the_written_out_backward_passes_gradcheck_with_per_sequence_positions() -> None:
+    """EulerRotation's backward against finite differences, for x, delta and an offset broadcast from (B, 1, L, d/2)
+    (per-sequence positions) as from (H, 1, d/2) + (L, d/2) (the query side)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(3, 1, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    for shape in [(2, 1, 4, 3), (3, 1, 3)]:
+        offset = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(EulerRotation.apply, (x, delta, offset))

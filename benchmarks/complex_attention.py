@@ -1,0 +1,98 @@
+"""ComplexFormer's attention kernel against RoPE + SDPA: forward + backward time of the position encoding of q and
+k followed by causal SDPA, per sequence length, as ratios to RoPE in the same run. Measures, does not assert.
+
+    .venv/bin/python benchmarks/complex_attention.py [--lengths 256 512 1024 2048] [--threads 2] [--repeats 9]
+
+Three paths on the same q, k, v (batch 2, 8 heads, head dim 64, float32): RoPE (lab_kernels.complex_attention.
+apply_rope, scaled 1/sqrt(d)); the complex fast path as autograd differentiates it (euler_transform, the angles, cos,
+sin, cat: the kernel before EulerRotation, rebuilt here from the same functions as the baseline); and complex_qk
+(EulerRotation's written-out backward). The paths run interleaved, the median of the repeats after one warm-up is
+reported. Writes benchmarks/results/complex_attention.{md,json} and logs one MLflow run (experiment `benchmarks`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from budget import publish
+from torch import Tensor
+
+from lab_kernels.complex_attention import _position_angles, apply_rope, complex_qk, euler_transform
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH, HEADS, HEAD_DIM = 2, 8, 64
+
+
+def rope(q: Tensor, k: Tensor, v: Tensor, delta: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
+    q, k = apply_rope(q, positions), apply_rope(k, positions)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=HEAD_DIM**-0.5)
+
+
+def complex_autograd(q: Tensor, k: Tensor, v: Tensor, delta: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
+    """The fast path's formula left to autograd: q' = cat(lambda cos A, lambda sin A), the same for k'."""
+    position = _position_angles(positions, HEAD_DIM, 10000.0, q.dtype)  # (L, d/2)
+    rotated = []
+    for x, offset in ((q, bias[:, None] + position), (k, position)):
+        magnitude, phase = euler_transform(x)
+        angle = delta[:, None] * phase + offset
+        rotated.append(torch.cat([magnitude * angle.cos(), magnitude * angle.sin()], dim=-1))
+    return F.scaled_dot_product_attention(*rotated, v, is_causal=True, scale=1.0)
+
+
+def complex_kernel(q: Tensor, k: Tensor, v: Tensor, delta: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
+    q, k = complex_qk(q, k, delta, bias, positions)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+
+
+PATHS = {"RoPE + SDPA": rope, "complex, autograd": complex_autograd, "complex, EulerRotation": complex_kernel}
+
+
+def time_paths(length: int, repeats: int) -> dict[str, float]:
+    """Median seconds of forward + backward of each path at this length."""
+    gen = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(BATCH, HEADS, length, HEAD_DIM, generator=gen).requires_grad_() for _ in range(3))
+    delta = (torch.randn(HEADS, HEAD_DIM // 2, generator=gen) / (HEAD_DIM // 2) ** 0.5).requires_grad_()
+    bias = torch.zeros(HEADS, HEAD_DIM // 2, requires_grad=True)
+    positions = torch.arange(length)
+    times: dict[str, list[float]] = {name: [] for name in PATHS}
+    for repeat in range(repeats + 1):
+        for name, path in PATHS.items():
+            started = time.perf_counter()
+            path(q, k, v, delta, bias, positions).sum().backward()
+            if repeat:  # the first round warms up
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "complex_attention"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {}
+    lines = ["| L | " + " | ".join(f"{name} (ms)" for name in PATHS) + " | autograd / RoPE | EulerRotation / RoPE |",
+             "|---|" + "---|" * (len(PATHS) + 2)]
+    for length in args.lengths:
+        results[length] = seconds = time_paths(length, args.repeats)
+        base = seconds["RoPE + SDPA"]
+        lines.append(f"| {length} | " + " | ".join(f"{s * 1e3:.1f}" for s in seconds.values()) +
+                     f" | {seconds['complex, autograd'] / base:.3f} | {seconds['complex, EulerRotation'] / base:.3f} |")
+        print(lines[-1], flush=True)
+    markdown = "\n".join([f"Forward + backward, batch {BATCH}, {HEADS} heads, head dim {HEAD_DIM}, causal, float32, "
+                          f"CPU, {args.threads} threads, median of {args.repeats}:", "", *lines])
+    publish(args.out, markdown, [], {str(length): r for length, r in results.items()},
+            {"threads": args.threads, "repeats": args.repeats},
+            {f"ratio_L{length}": r["complex, EulerRotation"] / r["RoPE + SDPA"] for length, r in results.items()})
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
