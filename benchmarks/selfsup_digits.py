@@ -12,7 +12,8 @@ last checkpoint is then evaluated by the shipped probe file
 probe file with `init_from` empty and the same seed. Writes benchmarks/results/selfsup_digits.{md,json}; with --add,
 the methods' rows join the rows already in the JSON file (same seeds) instead of a new table. Every file holds 15
 images per class out of training (data.val_per_class); `--select` pre-trains each point of a method's GRID and
-scores it by the linear probe on those validation images (benchmarks/results/selfsup_digits_selection.{md,json}).
+scores it by the linear probe on those validation images (benchmarks/results/selfsup_digits_selection.{md,json};
+the extended ReSSL's alone: `--select --methods ressl_extended --out benchmarks/results/selfsup_digits_extended`).
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ FILES = {
 PROBE = REPO / "experiments" / "linear_probe" / "digits.yaml"
 SAME_BUDGET = ("optim.steps", "optim.batch_size", "data.dataset", "data.image_size", "config.arch")
 ONE_PROCESS = ["resources.workers=1", "eval.every=null"]
-# chosen on the validation split: ReSSL's teacher momentum, WCL's learning rate, LEWEL's EMAN target
+# chosen on the validation split: ReSSL's teacher momentum, WCL's learning rate, LEWEL's EMAN target, the extended
+# ReSSL's InfoNCE warm-up and predictor width (neither given by its paper)
 GRID = {
     "ressl": {"config.momentum": [0.9, 0.99]},
+    "ressl_extended": {"config.infonce_warmup_steps": [100, 200, 400], "config.predictor_hidden": [512, 4096]},
     "wcl": {"optim.lr": [0.05, 0.1]},
     "lewel": {"config.eman": [False, True]},
 }
