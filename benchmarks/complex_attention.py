@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from budget import publish
 from torch import Tensor
 
-from lab_kernels.complex_attention import _position_angles, apply_rope, complex_qk, euler_transform
+from lab_kernels.complex_attention import apply_rope, complex_qk, euler_transform, rope_frequencies
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH, HEADS, HEAD_DIM = 2, 8, 64
@@ -35,7 +35,7 @@ def rope(q: Tensor, k: Tensor, v: Tensor, delta: Tensor, bias: Tensor, positions
 
 def complex_autograd(q: Tensor, k: Tensor, v: Tensor, delta: Tensor, bias: Tensor, positions: Tensor) -> Tensor:
     """The fast path's formula left to autograd: q' = cat(lambda cos A, lambda sin A), the same for k'."""
-    position = _position_angles(positions, HEAD_DIM, 10000.0, q.dtype)  # (L, d/2)
+    position = positions[:, None].to(q.dtype) * rope_frequencies(HEAD_DIM)  # m g: (L, d/2)
     rotated = []
     for x, offset in ((q, bias[:, None] + position), (k, position)):
         magnitude, phase = euler_transform(x)

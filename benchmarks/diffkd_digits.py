@@ -53,19 +53,19 @@ def run(path: Path, seed: int, overrides: list[str], checkpoint_root: Path | Non
     return {"acc": metrics["acc"], "loss": metrics["loss"], "seconds": metrics["seconds"]}
 
 
-def train_teachers(seeds: list[int], root: Path) -> dict[int, str]:
-    """The teacher of each seed, trained once with the validation split held out: seed -> teacher_from override."""
-    steps = spec_mod.load(TEACHER).optim.steps
-    for seed in seeds:
-        run(TEACHER, seed, [f"data.val_per_class={VAL_PER_CLASS}"], root / str(seed))
-    return {seed: f'config.teacher_from="{root / str(seed) / f"checkpoint_{steps:09d}"}"' for seed in seeds}
+def train_teacher(seed: int, data: list[str], root: Path) -> tuple[dict[str, float], str]:
+    """The seed's teacher, its final checkpoint kept under `root`: its row and the students' teacher_from override."""
+    result = run(TEACHER, seed, data, root)
+    checkpoint = root / f"checkpoint_{spec_mod.load(TEACHER).optim.steps:09d}"
+    return result, f'config.teacher_from="{checkpoint}"'
 
 
 def select(seeds: list[int], out: str) -> None:
     """The budget, then plain KD's tau and DiffKD's kd_weight at the chosen budget, all on the validation split."""
     val = [f"data.val_per_class={VAL_PER_CLASS}", "data.eval_on=val"]
     with tempfile.TemporaryDirectory() as root:
-        teacher = train_teachers(seeds, Path(root))
+        held_out = [f"data.val_per_class={VAL_PER_CLASS}"]
+        teacher = {seed: train_teacher(seed, held_out, Path(root) / str(seed))[1] for seed in seeds}
         budgets = {name: {"student alone": [run(STUDENT, seed, [*val, *extra])["acc"] for seed in seeds],
                           "plain KD": [run(DIFFKD, seed, [*val, *extra, teacher[seed], *PLAIN_KD])["acc"]
                                        for seed in seeds]} for name, extra in BUDGETS.items()}
@@ -99,9 +99,9 @@ def budget_table(budgets: dict[str, dict[str, list[float]]], chosen: str) -> str
 def one_seed(seed: int, data: list[str]) -> dict[str, dict[str, float]]:
     """The four rows of one seed, the teacher trained with that seed; `data`: the validation overrides."""
     with tempfile.TemporaryDirectory() as root:
-        results = {"teacher": run(TEACHER, seed, data, Path(root))}
-        checkpoint = Path(root) / f"checkpoint_{spec_mod.load(TEACHER).optim.steps:09d}"
-        distill = [*data, f'config.teacher_from="{checkpoint}"']
+        results = {}
+        results["teacher"], teacher_from = train_teacher(seed, data, Path(root))
+        distill = [*data, teacher_from]
         results["student alone"] = run(STUDENT, seed, data)
         results["plain KD"] = run(DIFFKD, seed, [*distill, *PLAIN_KD])
         results["DiffKD"] = run(DIFFKD, seed, distill)

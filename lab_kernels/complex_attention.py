@@ -152,15 +152,8 @@ class EulerRotation(torch.autograd.Function):
         torch.addcmul(radial * r, tangential, p, value=-1.0, out=grad_x[..., : r.shape[-1]])
         torch.addcmul(radial * p, tangential, r, out=grad_x[..., r.shape[-1]:])
         grad_delta = (grad_angle * phase).sum(dim=(0, 2))[:, None] if ctx.needs_input_grad[1] else None  # (H, 1, d/2)
-        grad_offset = _sum_to(grad_angle, ctx.offset_shape) if ctx.needs_input_grad[2] else None
+        grad_offset = grad_angle.sum_to_size(ctx.offset_shape) if ctx.needs_input_grad[2] else None
         return grad_x, grad_delta, grad_offset
-
-
-def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
-    """The gradient of a tensor of `shape` that was broadcast to grad's shape."""
-    grad = grad.sum(dim=tuple(range(grad.ndim - len(shape)))) if grad.ndim > len(shape) else grad
-    kept = [i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1]
-    return grad.sum(dim=kept, keepdim=True) if kept else grad
 
 
 class _CausalSelfAttention(nn.Module):
