@@ -12,7 +12,8 @@ files against their manifests (size and sha256), with the same number of workers
 DeepSpeed reads its own files with torch.load(weights_only=False) (its TorchCheckpointEngine): only resume from
 checkpoints you trust; the RNG files are read by orchestrator.checkpoint, with weights_only=True.
 
-On CPU: DS_ACCELERATOR=cpu, fp32, a torch optimizer (no fused or CPU-Adam kernels to compile).
+On CPU: DS_ACCELERATOR=cpu, fp32, a torch optimizer (torch's own fused AdamW; no DeepSpeed FusedAdam or CPU-Adam
+kernel to compile).
 """
 
 from __future__ import annotations

@@ -86,3 +86,24 @@ def test_a_group_lr_scale_multiplies_the_lr_through_the_schedule(name: str) -> N
     first, second = optimizer.param_groups
     assert first["lr"] == pytest.approx(4 * second["lr"]) and second["lr"] == pytest.approx(0.1 * lr_factor(5, spec))
     assert base_lr(optimizer) == pytest.approx(second["lr"])
+
+
+def test_adamw_is_torchs_fused_kernel_and_takes_its_update() -> None:
+    """On the CPU the AdamW of an experiment is torch's fused kernel (one pass per parameter); its step equals the
+    for-loop AdamW's up to float rounding, and a group given as a generator keeps every parameter."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 4)
+    reference = nn.Linear(16, 4)
+    reference.load_state_dict(model.state_dict())
+    spec = OptimSpec(name="adamw", lr=0.01, weight_decay=0.05, betas=(0.9, 0.95), steps=5, batch_size=8)
+    fused = build_optimizer([{"params": (p for p in model.parameters())}], spec)
+    loop = torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.05, betas=(0.9, 0.95), foreach=False)
+    assert fused.defaults["fused"] and len(fused.param_groups[0]["params"]) == 2
+    x = torch.randn(32, 16)
+    for _ in range(5):
+        for net, optimizer in ((model, fused), (reference, loop)):
+            optimizer.zero_grad()
+            net(x).pow(2).mean().backward()
+            optimizer.step()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
