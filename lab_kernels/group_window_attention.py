@@ -23,10 +23,16 @@ Fast path (official GroupingModule + WindowAttention):
 2. group size g: "optimal" (lab_kernels.grouping.optimal_group_size, the paper's DP search that the official code never
    implemented), "fixed" (the official behaviour: "masking" mode, all tokens in one sequence, if N <= 2 M^2, else
    g = min(M^2, max_i w_i)), "masking", or an int;
-3. group_windows(g, w): windows packed into n_g groups of g slots, padding slots pointing at a dummy zero token;
+3. group_windows(g, w): windows packed into n_g groups of g slots; q, k, v gathered into them with index_select
+   (padding slots repeat token 0: as a key it is masked out, as a query its output is dropped, so it receives exactly
+   zero gradient);
 4. additive mask per group: relative position bias of the true coordinates for same-window pairs, -inf elsewhere;
-   a padding slot attends to itself only (no NaN rows, no gradient: a softmax over one key is constant);
-5. scaled_dot_product_attention on (B, n_g * heads, g, d) with the (n_g * heads, g, g) mask, then back to (B, N, C).
+   a padding slot attends to itself only (no NaN rows, no gradient: a softmax over one key is constant). The table
+   indices and the -inf pattern depend on the mask only, so `plan` builds them once per stage and shift; each
+   block gathers its own table through them;
+5. scaled_dot_product_attention on (B, n_g * heads, g, d) with the (n_g * heads, g, g) mask, then back to (B, N, C)
+   by another index_select (gathers both ways: their backward is index_add, several times faster on the CPU than
+   the accumulating index_put of advanced indexing).
 
 Deviations from the official code, with reasons:
 - The QKV and output projections run on the N visible tokens and only q, k, v are gathered into groups: the same
@@ -144,13 +150,16 @@ def resolve_group_size(group_size: GroupSize, window_sizes: list[int], window_si
 
 @dataclass(frozen=True)
 class GroupLayout:
-    """Where the N visible tokens sit in n_g padded groups of g slots (slot = group * g + position)."""
+    """Where the N visible tokens sit in n_g padded groups of g slots (slot = group * g + position), and the parts
+    of the attention mask that depend on the positions only."""
 
     group_size: int
     num_groups: int
-    token_of_slot: Tensor  # (n_g * g,) token index of each slot; N (a dummy zero token) for padding
+    token_of_slot: Tensor  # (n_g * g,) token index of each slot; 0 for padding (never attended to, output dropped)
     slot_of_token: Tensor  # (N,) slot of each token
     window_of_slot: Tensor  # (n_g * g,) window id of each slot; -1 for padding
+    bias_index: Tensor  # (n_g, g, g) row of the relative-position table for each (query, key) slot pair
+    blocked: Tensor  # (n_g, 1, g, g) float: 0 where the query may attend to the key, -inf elsewhere
 
 
 def _first_slots(groups: list[list[int]], sizes: list[int], group_size: int) -> list[int]:
@@ -163,8 +172,9 @@ def _first_slots(groups: list[list[int]], sizes: list[int], group_size: int) -> 
     return first
 
 
-def group_layout(ids: Tensor, group_size: GroupSize, window_size: int, dim: int) -> GroupLayout:
-    """Pack the windows of ids (N,) into groups (lab_kernels.grouping.group_windows) and index every token's slot."""
+def group_layout(ids: Tensor, coords: Tensor, group_size: GroupSize, window_size: int, dim: int) -> GroupLayout:
+    """Pack the windows of ids (N,) into groups (lab_kernels.grouping.group_windows), index every token's slot, and
+    build the mask's position part from coords (N, 2)."""
     order = torch.argsort(ids, stable=True)  # tokens sorted by window: (N,)
     counts = torch.unique_consecutive(ids[order], return_counts=True)[1]  # window sizes w_i: (n_w,)
     sizes = counts.tolist()
@@ -176,27 +186,32 @@ def group_layout(ids: Tensor, group_size: GroupSize, window_size: int, dim: int)
     rank = torch.arange(num_tokens, device=device) - window_start[window]  # position inside its window
     slot_of_token = torch.empty_like(order)
     slot_of_token[order] = torch.tensor(_first_slots(groups, sizes, g), device=device)[window] + rank
-    token_of_slot = torch.full((len(groups) * g,), num_tokens, dtype=torch.long, device=device)
+    token_of_slot = torch.zeros(len(groups) * g, dtype=torch.long, device=device)
     token_of_slot[slot_of_token] = torch.arange(num_tokens, device=device)
     window_of_slot = torch.full_like(token_of_slot, -1)
     window_of_slot[slot_of_token] = ids
-    return GroupLayout(g, len(groups), token_of_slot, slot_of_token, window_of_slot)
+    bias_index, blocked = _mask_positions(window_of_slot.view(-1, g), coords[token_of_slot].view(-1, g, 2),
+                                          window_size)
+    return GroupLayout(g, len(groups), token_of_slot, slot_of_token, window_of_slot, bias_index, blocked)
 
 
-def group_attention_mask(layout: GroupLayout, coords: Tensor, bias: RelativeBias) -> Tensor:
-    """Additive mask (n_g, heads, g, g): relative bias within a window, -inf across windows and to padding keys.
-
-    A padding query attends to its own slot only (mask 0), so no row is all -inf.
-    """
-    g = layout.group_size
-    window = layout.window_of_slot.view(-1, g)  # (n_g, g)
+def _mask_positions(window: Tensor, slot_coords: Tensor, window_size: int) -> tuple[Tensor, Tensor]:
+    """window (n_g, g) id per slot (-1 padding), slot_coords (n_g, g, 2) -> the table index (n_g, g, g) of each
+    same-window pair's coordinate difference (of (0, 0) elsewhere) and the blocked pattern (n_g, 1, g, g): -inf
+    across windows and to padding keys, 0 on a padding query's own slot, so no row is all -inf."""
     real = window >= 0
     same = (window[:, :, None] == window[:, None, :]) & real[:, :, None]  # (n_g, g, g)
-    slot_coords = F.pad(coords, (0, 0, 0, 1))[layout.token_of_slot].view(-1, g, 2)  # (n_g, g, 2)
     delta = torch.where(same[..., None], slot_coords[:, :, None] - slot_coords[:, None], 0)  # (n_g, g, g, 2)
-    mask = bias(delta).permute(0, 3, 1, 2).masked_fill(~same[:, None], float("-inf"))  # (n_g, heads, g, g)
-    own_slot = torch.eye(g, dtype=torch.bool, device=window.device) & ~real[:, :, None]  # (n_g, g, g)
-    return mask.masked_fill(own_slot[:, None], 0.0)
+    own_slot = torch.eye(window.shape[1], dtype=torch.bool, device=window.device) & ~real[:, :, None]
+    blocked = torch.zeros(same.shape, device=window.device).masked_fill_(~(same | own_slot), float("-inf"))
+    return _table_index(delta, window_size), blocked[:, None]
+
+
+def group_attention_mask(layout: GroupLayout, table: Tensor) -> Tensor:
+    """Additive mask (n_g, heads, g, g) from a ((2M - 1)^2, heads) table: relative bias within a window, -inf across
+    windows and to padding keys, 0 on a padding query's own slot."""
+    bias = table.index_select(0, layout.bias_index.flatten()).view(*layout.bias_index.shape, -1)  # (n_g, g, g, heads)
+    return (bias.permute(0, 3, 1, 2) + layout.blocked).contiguous()  # (n_g, heads, g, g)
 
 
 class GroupWindowAttention(nn.Module):
@@ -228,7 +243,8 @@ class GroupWindowAttention(nn.Module):
         As in Swin and the official BasicLayer, a grid no larger than the window (min(H, W) <= M) is not shifted.
         """
         shift = 0 if min(grid) <= self.window_size else shift
-        return group_layout(window_ids(coords, self.window_size, shift, grid), group_size, self.window_size, self.dim)
+        ids = window_ids(coords, self.window_size, shift, grid)
+        return group_layout(ids, coords, group_size, self.window_size, self.dim)
 
     def forward(self, x: Tensor, coords: Tensor, grid: tuple[int, int], shift: int = 0,
                 group_size: GroupSize = "optimal", reference: bool = False, layout: GroupLayout | None = None
@@ -247,22 +263,22 @@ class GroupWindowAttention(nn.Module):
             out = out.transpose(1, 2).reshape(batch, num_tokens, dim)
         else:
             layout = layout if layout is not None else self.plan(coords, grid, shift, group_size)
-            out = self._grouped_attention(qkv, coords, layout)
+            out = self._grouped_attention(qkv, layout)
         return self.proj_drop(self.proj(out))
 
-    def _grouped_attention(self, qkv: Tensor, coords: Tensor, layout: GroupLayout) -> Tensor:
+    def _grouped_attention(self, qkv: Tensor, layout: GroupLayout) -> Tensor:
         """qkv (B, N, 3, heads, d) -> attention output (B, N, C) through padded groups and SDPA."""
         batch, num_tokens, _, heads, head_dim = qkv.shape
         g, n_g = layout.group_size, layout.num_groups
-        grouped = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, 1))[:, layout.token_of_slot]  # (B, n_g * g, 3, heads, d)
+        grouped = qkv.index_select(1, layout.token_of_slot)  # (B, n_g * g, 3, heads, d)
         grouped = grouped.view(batch, n_g, g, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)  # (3, B, n_g, heads, g, d)
         q, k, v = grouped.reshape(3, batch, n_g * heads, g, head_dim)
-        mask = group_attention_mask(layout, coords, self.relative_position_bias).to(q.dtype)  # (n_g, heads, g, g)
+        mask = group_attention_mask(layout, self.relative_position_bias_table).to(q.dtype)  # (n_g, heads, g, g)
         dropout_p = self.attn_drop.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(n_g * heads, g, g), dropout_p=dropout_p,
                                              scale=self.scale)  # (B, n_g * heads, g, d)
         out = out.view(batch, n_g, heads, g, head_dim).transpose(2, 3).reshape(batch, n_g * g, heads * head_dim)
-        return out[:, layout.slot_of_token]  # (B, N, C)
+        return out.index_select(1, layout.slot_of_token)  # (B, N, C)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}"

@@ -152,11 +152,17 @@ def test_layout_puts_each_token_in_one_slot_and_groups_hold_whole_windows() -> N
     gen = torch.Generator().manual_seed(3)
     coords = random_visible(14, 14, 0.5, gen)
     ids = window_ids(coords, 7, 3, (14, 14))
-    layout = group_layout(ids, 49, 7, DIM)
+    layout = group_layout(ids, coords, 49, 7, DIM)
     n = coords.shape[0]
     assert layout.token_of_slot.shape == (layout.num_groups * 49,)
     assert torch.equal(layout.token_of_slot[layout.slot_of_token], torch.arange(n))
-    assert int((layout.token_of_slot == n).sum()) == layout.num_groups * 49 - n  # the rest is padding
+    padding = layout.window_of_slot == -1
+    assert int(padding.sum()) == layout.num_groups * 49 - n  # the rest is padding, pointing at token 0
+    assert not layout.token_of_slot[padding].any()
+    allowed = layout.blocked[:, 0].isfinite()  # (n_g, g, g): query slot, key slot
+    pad = padding.view(-1, 49)
+    assert torch.equal(allowed.sum(-1)[pad], torch.ones(int(padding.sum()), dtype=torch.long))  # its own slot only
+    assert not (allowed & pad[:, None, :] & ~pad[:, :, None]).any()  # no real query sees a padding key
     assert torch.equal(layout.window_of_slot[layout.slot_of_token], ids)
     group_of_window = {}
     for slot, window in enumerate(layout.window_of_slot.tolist()):

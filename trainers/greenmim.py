@@ -185,7 +185,7 @@ class VisiblePatchMerging(nn.Module):
     def forward(self, x: Tensor, coords: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor, tuple[int, int]]:
         order, merged = merge_order(coords, grid)
         b, n, c = x.shape
-        x = x[:, order].reshape(b, n // 4, 4 * c)  # (B, N/4, 4C)
+        x = x.index_select(1, order).reshape(b, n // 4, 4 * c)  # (B, N/4, 4C)
         return self.reduction(self.norm(x)), merged, (grid[0] // 2, grid[1] // 2)
 
 
@@ -329,7 +329,7 @@ class GreenMIM(nn.Module):
         b, n_vis, d = z.shape
         position = torch.cat([(~masked).nonzero()[:, 0], masked.nonzero()[:, 0]])  # (L,) unit of each token
         z = torch.cat([z, self.mask_token.to(z.dtype).expand(b, len(position) - n_vis, d)], dim=1)
-        z = z[:, position.argsort()] + self.decoder_pos_embed  # (B, L, D_dec), back to row-major
+        z = z.index_select(1, position.argsort()) + self.decoder_pos_embed  # (B, L, D_dec), back to row-major
         for block in self.decoder_blocks:
             z = block(z)
         return self.decoder_pred(self.decoder_norm(z))
