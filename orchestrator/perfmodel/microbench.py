@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from lab_kernels.complex_attention import apply_rope
+from orchestrator.optim import build_optimizer
+from orchestrator.spec import OptimSpec
 
 
 def seconds_per_call(fn: Callable[[], object], device: torch.device, warmup: int = 10, iters: int = 10,
@@ -96,8 +98,8 @@ def _optimizer_call(kind: str, shape: tuple[int, ...], rand: Callable[..., torch
         weight.grad = torch.randn_like(weight)
     if kind == "grad_norm":
         return lambda: torch.nn.utils.clip_grad_norm_(weights, 1.0)
-    optimizer = torch.optim.AdamW(weights, lr=1e-4, weight_decay=0.1)
-    return optimizer.step
+    spec = OptimSpec(name="adamw", lr=1e-4, weight_decay=0.1, steps=1, batch_size=1)
+    return build_optimizer([{"params": weights}], spec).step  # the AdamW runs use (fused where it can be)
 
 
 def collective_call(kind: str, nbytes: int, rank: int, world: int, device: torch.device) -> Callable[[], object]:
