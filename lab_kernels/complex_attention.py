@@ -123,36 +123,39 @@ class EulerRotation(torch.autograd.Function):
 
     with lambda^2 = r^2 + p^2 + 1e-9 (the magnitude's) and rho^2 = r^2 + p^2 (atan2's): autograd's gradients of the
     same formula. No transcendental function and about a dozen element-wise passes, against autograd's chain
-    through sqrt, atan2, cos, sin and cat."""
+    through sqrt, atan2, cos, sin and cat. Both passes write their intermediates in place where they can: on the CPU
+    a fresh buffer of this size costs about as much as the arithmetic on it."""
 
     @staticmethod
     def forward(ctx, x: Tensor, delta: Tensor, offset: Tensor) -> Tensor:
         r, p = x.chunk(2, dim=-1)  # (B, H, L, d/2) each
-        squared = torch.addcmul(r * r, p, p).add_(EPS)  # lambda^2
-        phase = torch.atan2(p, r)
+        half = r.shape[-1]
+        squared = torch.mul(r, r).addcmul_(p, p)  # rho^2
+        phase = torch.atan2(p, r)  # theta
         angle = torch.addcmul(offset, delta, phase)  # A
-        magnitude = squared.sqrt()
+        magnitude = torch.add(squared, EPS).sqrt_()  # lambda
         out = torch.empty_like(x)
-        torch.mul(magnitude, angle.cos(), out=out[..., : r.shape[-1]])
-        torch.mul(magnitude, angle.sin_(), out=out[..., r.shape[-1]:])
-        ctx.save_for_backward(x, delta, out, squared.reciprocal_(), phase)
+        torch.cos(angle, out=out[..., :half]).mul_(magnitude)
+        torch.mul(angle.sin_(), magnitude, out=out[..., half:])
+        ctx.save_for_backward(x, delta, out, squared, phase)
         ctx.offset_shape = offset.shape
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, delta, out, inverse_squared, phase = ctx.saved_tensors
+        x, delta, out, squared, phase = ctx.saved_tensors
         r, p = x.chunk(2, dim=-1)
         u, w = out.chunk(2, dim=-1)
         grad_u, grad_w = grad.chunk(2, dim=-1)
-        grad_angle = torch.addcmul(grad_w * u, grad_u, w, value=-1.0)  # N = dL/dA
-        radial = torch.addcmul(grad_u * u, grad_w, w).mul_(inverse_squared)  # M / lambda^2
-        tangential = (grad_angle * delta).div_(torch.addcmul(r * r, p, p))  # delta N / rho^2
+        half = r.shape[-1]
+        grad_angle = torch.mul(grad_w, u).addcmul_(grad_u, w, value=-1.0)  # N = dL/dA
+        radial = torch.mul(grad_u, u).addcmul_(grad_w, w).div_(squared.add(EPS))  # M / lambda^2
+        tangential = torch.mul(grad_angle, delta).div_(squared)  # delta N / rho^2
         grad_x = torch.empty_like(x)
-        torch.addcmul(radial * r, tangential, p, value=-1.0, out=grad_x[..., : r.shape[-1]])
-        torch.addcmul(radial * p, tangential, r, out=grad_x[..., r.shape[-1]:])
+        torch.mul(radial, r, out=grad_x[..., :half]).addcmul_(tangential, p, value=-1.0)
+        torch.mul(radial, p, out=grad_x[..., half:]).addcmul_(tangential, r)
         grad_delta = (grad_angle * phase).sum(dim=(0, 2))[:, None] if ctx.needs_input_grad[1] else None  # (H, 1, d/2)
-        grad_offset = grad_angle.sum_to_size(ctx.offset_shape) if ctx.needs_input_grad[2] else None
+        grad_offset = grad_angle.sum_to_size(ctx.offset_shape) if ctx.needs_input_grad[2] else None  # may be N itself
         return grad_x, grad_delta, grad_offset
 
 

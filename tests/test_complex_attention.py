@@ -208,10 +208,11 @@ def test_cached_decoding_and_padding_masks_match_the_full_causal_pass(module) ->
 
 def test_the_written_out_backward_passes_gradcheck_with_per_sequence_positions() -> None:
     """EulerRotation's backward against finite differences, for x, delta and an offset broadcast from (B, 1, L, d/2)
-    (per-sequence positions) as from (H, 1, d/2) + (L, d/2) (the query side)."""
+    (per-sequence positions), from (H, 1, d/2) + (L, d/2) (the query side), and of x's full shape (the query side
+    with per-sequence positions, where the offset's gradient is not reduced at all)."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     delta = torch.randn(3, 1, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    for shape in [(2, 1, 4, 3), (3, 1, 3)]:
+    for shape in [(2, 1, 4, 3), (3, 1, 3), (2, 3, 4, 3)]:
         offset = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(EulerRotation.apply, (x, delta, offset))
