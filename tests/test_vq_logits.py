@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lab_kernels.vq_logits import (
+    CODEBOOK_STD,
     VQLogits,
     cluster_sizes,
     contiguous_mapping,
@@ -93,9 +94,17 @@ def test_layer_buffers_and_initialisations() -> None:
     assert torch.equal(layer.mapping, random_mapping(V, K, seed=3))
     assert torch.equal(VQLogits(D, V, K).mapping, contiguous_mapping(V, K))
     assert layer(torch.randn(3, D)).shape == (3, K)
-    assert 0.01 < layer.codebook.std().item() < 0.03
     with pytest.raises(ValueError):
         VQLogits(D, V, K, init="learned")
+
+
+@pytest.mark.parametrize("std", [None, 0.02, 1.0])
+def test_codebook_is_drawn_at_the_given_std(std: float | None) -> None:
+    torch.manual_seed(0)
+    layer = VQLogits(64, V, 256, **({} if std is None else {"codebook_std": std}))  # 16k draws
+    expected = CODEBOOK_STD if std is None else std
+    assert layer.codebook.std().item() == pytest.approx(expected, rel=0.03)
+    assert abs(layer.codebook.mean().item()) < 0.03 * expected
 
 
 def separated_embeddings(groups: int = 4, per_group: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
