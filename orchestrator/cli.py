@@ -23,7 +23,9 @@ log = logging.getLogger("orchestrator")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _file_after_overrides(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
@@ -129,9 +131,21 @@ def _positive_int(text: str) -> int:
 
 
 def _add_file_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="experiment YAML file")
+    parser.add_argument("file", nargs="?", help="experiment YAML file")
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override dotted keys, e.g. --set optim.lr=0.01 config.arch=small_cnn")
+                        help="override dotted keys, e.g. --set optim.lr=0.01 config.arch=small_cnn (before or after "
+                        "the file)")
+
+
+def _file_after_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--set a=1 FILE`: --set takes every following word, so the file is the override without a `=`."""
+    if "overrides" not in args or args.file is not None:
+        return
+    words = [word for word in args.overrides if "=" not in word]
+    if len(words) != 1:
+        parser.error("the following arguments are required: file")
+    args.file = words[0]
+    args.overrides = [word for word in args.overrides if word != args.file]
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -404,18 +418,23 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for name in sorted(trainers.TRAINERS):
         spec = trainers.get(name)
         print(f"{name:<16} {spec.paper}")
-        for path in experiments.get(name, []):
+        for path in experiments.pop(name, []):
+            print(f"{'':<16}   {path}")
+    for name, paths in sorted(experiments.items()):  # an unknown method, or a file that does not load
+        print(f"{name:<16} {'not a known method' if name != '?' else 'files that do not load or name no method'}")
+        for path in paths:
             print(f"{'':<16}   {path}")
     return 0
 
 
 def _experiments_by_method(root: Path) -> dict[str, list[str]]:
+    """Every experiment file under root by its method, read with its `base:` (files that do not load, or name no
+    method, under "?")."""
     found: dict[str, list[str]] = {}
     for path in sorted(root.rglob("*.yaml")) if root.is_dir() else []:
         try:
-            method = spec_mod.read_yaml(path).get("method")
+            method = spec_mod.load_raw(path).get("method")
         except SpecError:
-            continue
-        if isinstance(method, str):
-            found.setdefault(method, []).append(str(path))
+            method = None
+        found.setdefault(method if isinstance(method, str) else "?", []).append(str(path))
     return found

@@ -77,8 +77,14 @@ def default_metrics(runs: list[Any]) -> list[str]:
     return sorted(k for k in keys if k.startswith("eval/")) + (["train/loss"] if "train/loss" in keys else [])
 
 
+PLACEMENT_PARAMS = ("name", "storage_path")  # where a run is kept and what it is called, not what it computes
+PLACEMENT_PREFIXES = ("tracking.",)  # where it is recorded (MLflow store, experiment, tags)
+
+
 def differing_params(runs: list[Any]) -> list[str]:
+    """The params whose values differ between the runs, leaving out those that only name or place a run."""
     keys = sorted({k for r in runs for k in r.data.params})
+    keys = [k for k in keys if k not in PLACEMENT_PARAMS and not k.startswith(PLACEMENT_PREFIXES)]
     return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
 
 
