@@ -370,11 +370,36 @@ class Setup:
         return cls(spec, method, cfg, data, model, optimizer, build_scheduler(optimizer, spec.optim))
 
 
+class RayInfoFilter(logging.Filter):
+    """Drops records below WARNING that were logged from inside the ray package."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import ray
+
+        self.ray_package = str(Path(ray.__file__).parent)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.ray_package)
+
+
+def keep_ray_info_off_the_console() -> None:
+    """Ray Train's per-report lines ("Reporting training result N: TrainingReport(...)") come from a logger named by
+    its file, which RunConfig's LoggingConfig level does not reach; on a worker they would interleave with the
+    driver's progress. The root logger's console handlers get a RayInfoFilter; its file handlers (the Ray session's
+    train logs) keep every record."""
+    for handler in logging.getLogger().handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not any(isinstance(f, RayInfoFilter) for f in handler.filters):
+            handler.addFilter(RayInfoFilter())
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The per-worker function that Ray Train runs on every rank."""
     import ray.train
     import ray.train.torch
 
+    keep_ray_info_off_the_console()
     spec = spec_mod.validate(yaml.safe_load(loop_config["spec_yaml"]))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
