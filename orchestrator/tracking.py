@@ -27,6 +27,8 @@ SECRET_KEY = re.compile(r"(api[_-]?key|access[_-]?key|private[_-]?key|token|secr
                         re.IGNORECASE)
 URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # scheme://user:password@host
 REDACTED = "***"
+# MLflow 3 opens an experiment on its runs table (model training) or on GenAI traces, by this tag
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # Values that are credentials whatever their key, also inside longer strings. A `body` must look random (a digit,
 # or upper and lower case letters), so that words such as "sk-learn-compatible-models" stay.
 CREDENTIALS = [re.compile(r"(?<![A-Za-z0-9])" + pattern) for pattern in (
@@ -166,9 +168,15 @@ class Tracker:
         return run.info.run_id, False
 
     def experiment_id(self, experiment: str) -> str:
-        """The id of the MLflow experiment `experiment`, created (artifacts beside a sqlite store) if missing."""
+        """The id of the MLflow experiment `experiment`, created (artifacts beside a sqlite store) if missing. It is
+        marked as model training (EXPERIMENT_KIND), so MLflow 3's UI opens it on the runs table, not on GenAI traces;
+        an experiment whose kind someone set already keeps it."""
         exp = self.client.get_experiment_by_name(experiment)
-        return exp.experiment_id if exp else self.client.create_experiment(experiment, self._artifacts(experiment))
+        if exp is None:
+            return self.client.create_experiment(experiment, self._artifacts(experiment), tags=dict([EXPERIMENT_KIND]))
+        if EXPERIMENT_KIND[0] not in exp.tags:
+            self.client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+        return exp.experiment_id
 
     def _artifacts(self, experiment: str) -> str | None:
         """Beside a sqlite database, rather than MLflow's default of ./mlruns in whatever directory the process

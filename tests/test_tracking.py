@@ -51,6 +51,20 @@ def test_reopened_run_skips_logged_steps(mlflow_uri: str, tmp_path: Path) -> Non
     assert [m.step for m in tracker.client.get_metric_history(run_id, "eval/acc")] == [20, 30, 40]
 
 
+def test_experiments_open_on_the_runs_table_and_a_set_kind_is_kept(mlflow_uri: str, tmp_path: Path) -> None:
+    """MLflow 3's UI shows an experiment as model training (the runs table) by its experimentKind tag: the
+    orchestrator sets it on the experiments it creates and on older ones without it, never over a kind set."""
+    tracker = tracking.Tracker(mlflow_uri)
+    key, training = tracking.EXPERIMENT_KIND
+    tracker.open_run(RunDir(str(tmp_path), "a"), "fresh", {})
+    assert tracker.client.get_experiment_by_name("fresh").tags[key] == training == "custom_model_development"
+    older = tracker.client.create_experiment("older")
+    chosen = tracker.client.create_experiment("chosen", tags={key: "genai_development"})
+    assert tracker.experiment_id("older") == older and tracker.experiment_id("chosen") == chosen
+    assert tracker.client.get_experiment(older).tags[key] == training
+    assert tracker.client.get_experiment(chosen).tags[key] == "genai_development"
+
+
 def test_params_are_logged_once_and_truncated(mlflow_uri: str, tmp_path: Path) -> None:
     tracker = tracking.Tracker(mlflow_uri)
     run_id, _ = tracker.open_run(RunDir(str(tmp_path), "p"), "unit", {})
