@@ -11,6 +11,9 @@ the job's temporary copy of the project and lost with it, so it is refused: give
 sees (--set storage_path=/shared/runs, s3://...). A relative `sqlite:///` MLflow store is refused for the same
 reason; without a tracking URI the job uses the cluster's own MLFLOW_TRACKING_URI. (A loopback address does not
 tell a cluster on this machine from one behind an SSH tunnel, so no path is resolved against this machine.)
+Provenance: the job carries this checkout's commit, dirty flag and uncommitted diff (orchestrator.tracking.GIT_ENV)
+and the run is tagged with them (the diff is the artifact git_diff.patch), with the Ray job's submission id, the
+cluster's address and Ray's version.
 Token authentication (Ray >= 2.59): the SDK sends the token from $RAY_AUTH_TOKEN or ~/.ray/auth_token when
 RAY_AUTH_MODE=token is set in this environment. Never expose the dashboard port (8265) without it.
 """
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from orchestrator.spec import ExperimentSpec, SpecError
 from orchestrator.storage import is_uri
+from orchestrator.tracking import submitted_git_state
 
 EXCLUDES = [".venv", "venv", ".git", "runs", "mlruns", "mlartifacts", "mlflow.db", "*.db", "__pycache__",
             "*.egg-info", "benchmarks/results", ".pytest_cache"]
@@ -63,7 +67,7 @@ def prepare(spec: ExperimentSpec, file: str | Path, overrides: list[str], workin
     arguments = [python, "-m", "orchestrator", command_for(spec), str(relative)]
     if overrides:
         arguments += ["--set", *overrides]
-    env_vars = {"RAY_TRAIN_V2_ENABLED": "1"}
+    env_vars = {"RAY_TRAIN_V2_ENABLED": "1", **submitted_git_state(working_dir)}  # the run's provenance
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.tracking_uri
     if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         raise SpecError(file, "tracking.tracking_uri", "an MLflow server the cluster reaches, or an absolute "

@@ -27,6 +27,9 @@ SECRET_KEY = re.compile(r"(api[_-]?key|access[_-]?key|private[_-]?key|token|secr
                         re.IGNORECASE)
 URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # scheme://user:password@host
 REDACTED = "***"
+# The submitting machine's git state, carried into a Ray job (whose copy of the project has no .git)
+GIT_ENV = ("LAB_GIT_SHA", "LAB_GIT_DIRTY", "LAB_GIT_DIFF")
+MAX_DIFF = 100_000  # characters of the uncommitted diff kept (an environment variable holds at most 128 KiB)
 # MLflow 3 opens an experiment on its runs table (model training) or on GenAI traces, by this tag
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # Values that are credentials whatever their key, also inside longer strings. A `body` must look random (a digit,
@@ -133,15 +136,42 @@ def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
     return flat
 
 
-def git_state(cwd: Path) -> dict[str, str]:
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else ""
+def _git(cwd: Path, *args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    return out.stdout.strip() if out.returncode == 0 else ""
 
-    sha = git("rev-parse", "HEAD")
+
+def submitted_git_state(cwd: Path) -> dict[str, str]:
+    """The commit, dirty flag and uncommitted diff (of tracked files, at most MAX_DIFF characters) of the project at
+    `cwd`, as the environment variables a job carries them in (GIT_ENV): a job's uploaded copy has no .git."""
+    sha = _git(cwd, "rev-parse", "HEAD")
+    if not sha:
+        return {}
+    diff = _git(cwd, "diff", "HEAD")
+    if len(diff) > MAX_DIFF:
+        diff = diff[:MAX_DIFF] + f"\n... (the diff was {len(diff)} characters; the first {MAX_DIFF} are kept)"
+    sha_env, dirty_env, diff_env = GIT_ENV
+    return {sha_env: sha, dirty_env: str(bool(diff)), diff_env: diff}
+
+
+def git_state(cwd: Path) -> dict[str, str]:
+    """Tags git_sha and git_dirty: from the submitting machine when a job carries them (GIT_ENV), else from the git
+    checkout at `cwd`."""
+    sha_env, dirty_env, _ = GIT_ENV
+    if os.environ.get(sha_env):
+        return {"git_sha": os.environ[sha_env], "git_dirty": os.environ.get(dirty_env, "unknown")}
+    sha = _git(cwd, "rev-parse", "HEAD")
     if not sha:
         return {"git_sha": "unknown"}
-    return {"git_sha": sha, "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
+    return {"git_sha": sha, "git_dirty": str(bool(_git(cwd, "status", "--porcelain", "--untracked-files=no")))}
+
+
+def git_diff(cwd: Path) -> str:
+    """The uncommitted diff the run was started with: the one a job carries, else `git diff HEAD` at `cwd`."""
+    sha_env, _, diff_env = GIT_ENV
+    if os.environ.get(sha_env):
+        return os.environ.get(diff_env, "")
+    return _git(cwd, "diff", "HEAD")[:MAX_DIFF] if _git(cwd, "rev-parse", "HEAD") else ""
 
 
 class Tracker:

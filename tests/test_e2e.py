@@ -58,7 +58,8 @@ def test_quickstart_end_to_end(ray_cluster, mlflow_uri, tmp_path, capsys) -> Non
     run = client.get_run(run_id_of(tmp_path / "runs" / "quickstart-digits"))
     assert run.info.status == "FINISHED"
     assert run.data.tags["method"] == "supervised" and run.data.tags["dataset"] == "digits"
-    assert {"git_sha", "host", "experiment_file", "paper"} <= set(run.data.tags)
+    provenance = {"git_sha", "host", "experiment_file", "paper", "ray_version", "ray_address", "ray_job_id"}
+    assert provenance <= set(run.data.tags)
     assert run.data.params["optim.lr"] == "0.1" and run.data.params["config.arch"] == "small_cnn"
     assert run.data.metrics["eval/acc"] == pytest.approx(accuracy, abs=1e-4)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

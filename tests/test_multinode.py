@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 from conftest import registered
 from local_cluster import RAY, LocalCluster, MlflowServer
 from mlflow.tracking import MlflowClient
@@ -71,10 +72,16 @@ def test_a_client_without_the_token_is_refused(cluster) -> None:
     assert allowed.returncode == 0, allowed.stderr[-3000:]
 
 
+def head_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
 def test_quickstart_with_ray_job_submit(cluster, tracking) -> None:
+    """As the README documents plain `ray job submit`: the commit travels as LAB_GIT_SHA (.git is not uploaded)."""
     runs = cluster.root / "runs"
     runtime_env = {"excludes": [".venv", ".git", "benchmarks/results"],
-                   "env_vars": {"MLFLOW_TRACKING_URI": tracking.uri, "RAY_TRAIN_V2_ENABLED": "1"}}
+                   "env_vars": {"MLFLOW_TRACKING_URI": tracking.uri, "RAY_TRAIN_V2_ENABLED": "1",
+                                "LAB_GIT_SHA": head_commit()}}
     command = [RAY, "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
                "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, "-m", "orchestrator", "run",
                "experiments/quickstart.yaml", "--set", *SHORT, f"storage_path={runs}", "name=ray-job-submit"]
@@ -84,6 +91,7 @@ def test_quickstart_with_ray_job_submit(cluster, tracking) -> None:
     assert run.info.status == "FINISHED" and loss_steps(client, run.info.run_id) == [10, 20, 30, 40, 50, 60]
     assert (runs / "ray-job-submit" / "checkpoint_000000060").is_dir()
     assert {"experiment.yaml", "final_metrics.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.data.tags["git_sha"] == head_commit() and run.data.tags["ray_job_id"].startswith("raysubmit_")
 
 
 def test_a_job_imports_our_ops_beside_hugging_face_packages(cluster) -> None:
@@ -125,4 +133,8 @@ def test_orchestrator_submit_survives_losing_the_worker_node(cluster, tracking) 
     client, run = only_run(tracking, "quickstart", "node-loss")
     assert run.info.status == "FINISHED" and run.data.metrics["eval/acc"] >= 0.85
     assert int(run.data.tags["resumed_from_step"]) >= 100
+    tags = run.data.tags  # provenance from the submitting checkout and the cluster
+    assert tags["git_sha"] == head_commit() and tags["git_dirty"] in ("True", "False")
+    assert tags["ray_job_id"].startswith("node-loss-") and tags["ray_version"] == ray.__version__
+    assert tags["ray_address"].rsplit(":", 1)[-1] == str(cluster.gcs_port)
     assert loss_steps(client, run.info.run_id) == list(range(10, 301, 10))  # one curve: no gap, no step twice

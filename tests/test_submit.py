@@ -4,6 +4,7 @@ cluster is in test_multinode.py."""
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,40 @@ def test_a_bad_file_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "orchestrator", "submit", str(bad), "--address", "http://127.0.0.1:9"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "optim" in done.stderr
+
+
+def git_repo(root: Path) -> Path:
+    """A one-commit git repository with one tracked file."""
+    for command in (["init", "-q"], ["config", "user.email", "t@t"], ["config", "user.name", "t"]):
+        subprocess.run(["git", *command], cwd=root, check=True)
+    (root / "train.py").write_text("lr = 0.1\n")
+    subprocess.run(["git", "add", "train.py"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", "first"], cwd=root, check=True)
+    return root
+
+
+def test_the_job_carries_the_commit_dirty_flag_and_diff_of_the_submitting_checkout(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """The uploaded copy has no .git: the submitting machine's git state travels as GIT_ENV, and a run started
+    under it is tagged with that state and logs that diff, not its own directory's."""
+    from orchestrator import tracking
+
+    (tmp_path / "project").mkdir()
+    project = git_repo(tmp_path / "project")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert tracking.submitted_git_state(project) == {"LAB_GIT_SHA": sha, "LAB_GIT_DIRTY": "False", "LAB_GIT_DIFF": ""}
+    (project / "train.py").write_text("lr = 0.2\n")
+    carried = tracking.submitted_git_state(project)
+    assert carried["LAB_GIT_DIRTY"] == "True" and "+lr = 0.2" in carried["LAB_GIT_DIFF"]
+    shutil.copytree(QUICKSTART.parent, project / "experiments")
+    spec = spec_mod.load(project / "experiments" / "quickstart.yaml", ["storage_path=/shared/runs"])
+    job = prepare(spec, project / "experiments" / "quickstart.yaml", [], project, "python3", None)
+    assert {k: job.runtime_env["env_vars"][k] for k in carried} == carried
+
+    elsewhere = tmp_path / "job_copy"
+    elsewhere.mkdir()
+    assert tracking.git_state(elsewhere) == {"git_sha": "unknown"} and tracking.git_diff(elsewhere) == ""
+    for key, value in carried.items():
+        monkeypatch.setenv(key, value)
+    assert tracking.git_state(elsewhere) == {"git_sha": sha, "git_dirty": "True"}
+    assert tracking.git_diff(elsewhere) == carried["LAB_GIT_DIFF"]
