@@ -446,7 +446,35 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         logger.set_tag("resumed_from_step", str(position.step))
     loop = StepLoop(setup, engine, device, rank, world, report, logger, loop_config["board"], last_checkpoint,
                     checkpoints)
-    loop.run(position)
+    with system_metrics(loop_config, resumed=start is not None):
+        loop.run(position)
+
+
+SYSTEM_METRICS_INTERVAL_S = 5.0  # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+
+
+@contextmanager
+def system_metrics(loop_config: dict[str, Any], resumed: bool) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU where pynvml is installed) of every node, sampled on
+    its first rank into the run's `system/` metrics (`system/node_<k>/` when the run spans several nodes), so the
+    run page's System metrics tab shows them. MLflow logs a sample once an interval has passed, so a run shorter
+    than one interval has none."""
+    import ray.train
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    context = ray.train.get_context()
+    if context.get_local_rank() != 0:
+        yield
+        return
+    nodes = context.get_world_size() // context.get_local_world_size()
+    monitor = SystemMetricsMonitor(loop_config["run_id"], sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                   resume_logging=resumed, node_id=f"node_{context.get_node_rank()}" if nodes > 1
+                                   else None, tracking_uri=loop_config["tracking_uri"])
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def _resume_point(checkpoints: RunCheckpoints, initial: str | None, rank: int, world: int, logger: Any) -> str | None:
