@@ -242,7 +242,7 @@ def open_mlflow_run(tracker: Any, spec: ExperimentSpec, run_dir: RunDir, spec_fi
         params.update(tracking.flatten(_asdict(spec.method_config()), "config."))
         tracker.log_params(run_id, params)
         tracker.log_text(run_id, _public_yaml(spec), "experiment.yaml")
-        diff = tracking.git_diff(Path.cwd())
+        diff = tracking.git_diff(tracking.PROJECT)
         if diff:
             tracker.log_text(run_id, diff, "git_diff.patch")
     return run_id, resumed
@@ -462,6 +462,7 @@ def system_metrics(loop_config: dict[str, Any], resumed: bool) -> Iterator[None]
     import ray.train
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines on the console
     context = ray.train.get_context()
     if context.get_local_rank() != 0:
         yield

@@ -27,6 +27,7 @@ SECRET_KEY = re.compile(r"(api[_-]?key|access[_-]?key|private[_-]?key|token|secr
                         re.IGNORECASE)
 URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # scheme://user:password@host
 REDACTED = "***"
+PROJECT = Path(__file__).resolve().parents[1]  # the checkout whose code runs (its git state is the run's provenance)
 # The submitting machine's git state, carried into a Ray job (whose copy of the project has no .git)
 GIT_ENV = ("LAB_GIT_SHA", "LAB_GIT_DIRTY", "LAB_GIT_DIFF")
 MAX_DIFF = 100_000  # characters of the uncommitted diff kept (an environment variable holds at most 128 KiB)
@@ -298,6 +299,6 @@ def run_tags(method: str, paper: str, dataset: str, experiment_file: str, extra:
         "dataset": dataset,
         "experiment_file": experiment_file,
         "host": socket.gethostname(),
-        **git_state(Path.cwd()),
+        **git_state(PROJECT),
         **redact(extra),
     }
