@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import shutil
 import tempfile
@@ -235,7 +234,7 @@ def open_mlflow_run(tracker: Any, spec: ExperimentSpec, run_dir: RunDir, spec_fi
 
     dataset = spec.data.dataset if spec.data is not None else "none"
     tags = tracking.run_tags(spec.method, spec.trainer.paper, dataset, spec_file, spec.tracking.tags)
-    tags = {**tags, **ray_provenance(), "run_dir": str(run_dir), **(extra_tags or {})}  # run_dir: for mlflow:<id>
+    tags = {**tags, "run_dir": str(run_dir), **(extra_tags or {})}  # run_dir: where `mlflow:<run_id>` finds it
     run_id, resumed = tracker.open_run(run_dir, spec.tracking.experiment or spec.method, tags, run_name)
     if not resumed:
         params = tracking.flatten({k: v for k, v in spec.model_dump(mode="json").items() if k != "config"})
@@ -246,20 +245,6 @@ def open_mlflow_run(tracker: Any, spec: ExperimentSpec, run_dir: RunDir, spec_fi
         if diff:
             tracker.log_text(run_id, diff, "git_diff.patch")
     return run_id, resumed
-
-
-def ray_provenance() -> dict[str, str]:
-    """Tags ray_version and, in a Ray session, ray_address (its GCS) and ray_job_id: the submission id of a job
-    (`ray job submit`, `orchestrator submit`, a RayJob), else the driver's Ray job id."""
-    import ray
-
-    tags = {"ray_version": ray.__version__}
-    if ray.is_initialized():
-        context = ray.get_runtime_context()
-        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
-        submission = job_config.get("metadata", {}).get("job_submission_id")
-        tags.update(ray_address=context.gcs_address, ray_job_id=submission or context.get_job_id())
-    return tags
 
 
 def torch_trainer(spec: ExperimentSpec, loop_config: dict[str, Any], name: str | None = None,

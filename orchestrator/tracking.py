@@ -155,24 +155,40 @@ def submitted_git_state(cwd: Path) -> dict[str, str]:
     return {sha_env: sha, dirty_env: str(bool(diff)), diff_env: diff}
 
 
-def git_state(cwd: Path) -> dict[str, str]:
-    """Tags git_sha and git_dirty: from the submitting machine when a job carries them (GIT_ENV), else from the git
-    checkout at `cwd`."""
-    sha_env, dirty_env, _ = GIT_ENV
+def _run_git_state(cwd: Path) -> dict[str, str]:
+    """GIT_ENV of the run: what a job carries from the submitting machine, else the checkout at `cwd` (empty outside
+    a git checkout)."""
+    sha_env, dirty_env, diff_env = GIT_ENV
     if os.environ.get(sha_env):
-        return {"git_sha": os.environ[sha_env], "git_dirty": os.environ.get(dirty_env, "unknown")}
-    sha = _git(cwd, "rev-parse", "HEAD")
-    if not sha:
-        return {"git_sha": "unknown"}
-    return {"git_sha": sha, "git_dirty": str(bool(_git(cwd, "status", "--porcelain", "--untracked-files=no")))}
+        return {sha_env: os.environ[sha_env], dirty_env: os.environ.get(dirty_env, "unknown"),
+                diff_env: os.environ.get(diff_env, "")}
+    return submitted_git_state(cwd)
+
+
+def git_state(cwd: Path) -> dict[str, str]:
+    """Tags git_sha and git_dirty of the run (`_run_git_state`); git_sha "unknown" without one."""
+    sha_env, dirty_env, _ = GIT_ENV
+    state = _run_git_state(cwd)
+    return {"git_sha": state[sha_env], "git_dirty": state[dirty_env]} if state else {"git_sha": "unknown"}
 
 
 def git_diff(cwd: Path) -> str:
-    """The uncommitted diff the run was started with: the one a job carries, else `git diff HEAD` at `cwd`."""
-    sha_env, _, diff_env = GIT_ENV
-    if os.environ.get(sha_env):
-        return os.environ.get(diff_env, "")
-    return _git(cwd, "diff", "HEAD")[:MAX_DIFF] if _git(cwd, "rev-parse", "HEAD") else ""
+    """The uncommitted diff the run was started with (`_run_git_state`), "" when clean or unknown."""
+    return _run_git_state(cwd).get(GIT_ENV[2], "")
+
+
+def ray_provenance() -> dict[str, str]:
+    """Tags ray_version and, in a Ray session, ray_address (its GCS) and ray_job_id: the submission id of a job
+    (`ray job submit`, `orchestrator submit`, a RayJob), else the driver's Ray job id."""
+    import ray
+
+    tags = {"ray_version": ray.__version__}
+    if ray.is_initialized():
+        context = ray.get_runtime_context()
+        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+        submission = job_config.get("metadata", {}).get("job_submission_id")
+        tags.update(ray_address=context.gcs_address, ray_job_id=submission or context.get_job_id())
+    return tags
 
 
 class Tracker:
@@ -300,5 +316,6 @@ def run_tags(method: str, paper: str, dataset: str, experiment_file: str, extra:
         "experiment_file": experiment_file,
         "host": socket.gethostname(),
         **git_state(PROJECT),
+        **ray_provenance(),
         **redact(extra),
     }
