@@ -132,7 +132,7 @@ def _positive_int(text: str) -> int:
 
 def _add_file_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", nargs="?", help="experiment YAML file")
-    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override dotted keys, e.g. --set optim.lr=0.01 config.arch=small_cnn (before or after "
                         "the file)")
 

@@ -28,13 +28,16 @@ def test_ls_lists_every_experiment_file_including_those_that_inherit_their_metho
                                                               str(tmp_path / "parent.yaml")]}
 
 
-@pytest.mark.parametrize("argv", [["check", "FILE", "--set", "optim.lr=0.05", "seed=3"],
-                                  ["check", "--set", "optim.lr=0.05", "seed=3", "FILE"],
-                                  ["check", "--set", "optim.lr=0.05", "FILE", "seed=3"]])
-def test_overrides_may_come_before_or_after_the_file(argv: list[str], capsys) -> None:
+@pytest.mark.parametrize("argv", [["check", "FILE", "--set", "optim.lr=0.05", "optim.steps=7"],
+                                  ["check", "--set", "optim.lr=0.05", "optim.steps=7", "FILE"],
+                                  ["check", "--set", "optim.lr=0.05", "FILE", "optim.steps=7"],
+                                  ["check", "--set", "optim.lr=0.05", "--set", "optim.steps=7", "FILE"],
+                                  ["check", "--set", "optim.lr=0.05", "FILE", "--set", "optim.steps=7"]])
+def test_overrides_may_come_before_or_after_the_file_and_repeat(argv: list[str], capsys) -> None:
     argv = [str(REPO / "experiments/quickstart.yaml") if word == "FILE" else word for word in argv]
     assert main(argv) == 0
-    assert "with sgd lr 0.05" in capsys.readouterr().out
+    summary = capsys.readouterr().out
+    assert "7 steps" in summary and "with sgd lr 0.05" in summary
 
 
 def test_a_missing_file_is_a_one_line_error(capsys) -> None:
