@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lab_kernels.complex_attention import (
     ComplexMultiHeadAttention,
@@ -206,13 +207,32 @@ def test_cached_decoding_and_padding_masks_match_the_full_causal_pass(module) ->
     assert torch.isfinite(out).all()  # padding rows attend to themselves, never to nothing
 
 
-def test_the_written_out_backward_passes_gradcheck_with_per_sequence_positions() -> None:
-    """EulerRotation's backward against finite differences, for x, delta and an offset broadcast from (B, 1, L, d/2)
-    (per-sequence positions), from (H, 1, d/2) + (L, d/2) (the query side), and of x's full shape (the query side
-    with per-sequence positions, where the offset's gradient is not reduced at all)."""
+def test_the_written_out_backward_passes_gradcheck() -> None:
+    """EulerRotation's backward (q, k, delta and b) against finite differences, with positions shared by the batch
+    (L, d/2) and per sequence (B, 1, L, d/2)."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 3, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    delta = torch.randn(3, 1, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    for shape in [(2, 1, 4, 3), (3, 1, 3), (2, 3, 4, 3)]:
-        offset = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(EulerRotation.apply, (x, delta, offset))
+    q, k = (torch.randn(2, 3, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    delta, bias = (torch.randn(3, 1, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    for shape in [(4, 3), (2, 1, 4, 3)]:
+        position = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        assert torch.autograd.gradcheck(EulerRotation.apply, (q, k, delta, bias, position))
+
+
+def test_the_compiled_rotation_gives_the_eager_kernels_values_and_gradients_at_every_length() -> None:
+    """compiled=True (EulerRotation's passes through torch.compile, one graph for any shape) against eager,
+    float32, two lengths. As in the attention module, q and k are head views of (B, L, H, d) tensors and the
+    gradients come back through SDPA (so the graphs compiled here are the ones an LM uses)."""
+    gen = torch.Generator().manual_seed(5)
+    delta = torch.randn(H, D_HEAD // 2, generator=gen).requires_grad_()
+    bias = torch.randn(H, D_HEAD // 2, generator=gen).requires_grad_()
+    for length in (7, 12):
+        q, k, v = (torch.randn(B, length, H, D_HEAD, generator=gen).transpose(1, 2) for _ in range(3))
+        upstream = torch.randn(B, H, length, D_HEAD, generator=gen)
+        results = []
+        for compiled in (False, True):
+            inputs = [q.detach().requires_grad_(), k.detach().requires_grad_(), delta, bias]
+            q_rot, k_rot = complex_qk(*inputs, torch.arange(length) + 3, compiled=compiled)
+            out = F.scaled_dot_product_attention(q_rot, k_rot, v, is_causal=True, scale=1.0)
+            results.append((q_rot, k_rot, *torch.autograd.grad(out, inputs, upstream)))
+        for eager, compiled in zip(*results):
+            torch.testing.assert_close(compiled, eager, atol=2e-5, rtol=2e-5)

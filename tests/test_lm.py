@@ -137,6 +137,20 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(variant) -> 
         torch.testing.assert_close(a, b)
 
 
+def test_compiled_complex_attention_gives_the_eager_loss_and_gradients() -> None:
+    data, results = batch(), []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        net = model(attention="complex", attention_compiled=compiled)
+        loss, _ = train_step(net, data, net.cfg, 0)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in net.parameters()])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="config.attention_compiled"):
+        check(dataclasses.replace(TINY, attention_compiled=True))
+
+
 def test_delta_and_b_of_complex_attention_are_not_decayed() -> None:
     net = model(attention="complex")
     decayed = {id(p) for p in param_groups(net, net.cfg)[0]["params"]}

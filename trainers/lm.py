@@ -61,6 +61,7 @@ class Config:
     mlp_ratio: float = 4.0
     attention: Literal["rope", "complex"] = "rope"
     attention_scale: Literal["default", "none", "sqrt"] = "default"  # default: sqrt for rope, none for complex
+    attention_compiled: bool = False  # complex: q/k rotation fused by torch.compile (needs a C++ compiler on CPUs)
     rope_base: float = 10000.0
     output: Literal["softmax", "vq"] = "softmax"
     tie_embeddings: bool = True  # softmax output only: W = E
@@ -93,7 +94,8 @@ class Block(nn.Module):
         scale = {"default": {}, "none": {"scale": "none"}, "sqrt": {"scale": "sqrt"}}[cfg.attention_scale]
         attention = ComplexMultiHeadAttention if cfg.attention == "complex" else RoPEMultiHeadAttention
         self.norm_1 = nn.LayerNorm(cfg.d_model)
-        self.attention = attention(cfg.d_model, cfg.n_heads, base=cfg.rope_base, dropout=cfg.dropout, **scale)
+        options = {**scale, "compiled": cfg.attention_compiled} if cfg.attention == "complex" else scale
+        self.attention = attention(cfg.d_model, cfg.n_heads, base=cfg.rope_base, dropout=cfg.dropout, **options)
         self.norm_2 = nn.LayerNorm(cfg.d_model)
         hidden = int(cfg.mlp_ratio * cfg.d_model)
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model),
@@ -174,6 +176,9 @@ def check(cfg: Config) -> None:
     """vq_init_from is set exactly for the k-means mapping and is a softmax LM checkpoint of width d_model."""
     kmeans = cfg.output == "vq" and cfg.vq_mapping == "kmeans"
     wanted = "a softmax LM's checkpoint directory (holding model.pt), a model.pt file, or mlflow:<run_id>"
+    if cfg.attention_compiled and cfg.attention != "complex":
+        raise ConfigError("attention_compiled", "false unless attention: complex (RoPE has nothing to fuse)",
+                          cfg.attention_compiled)
     if cfg.vq_codebook_std <= 0:
         raise ConfigError("vq_codebook_std", "a positive standard deviation", cfg.vq_codebook_std)
     if not kmeans:
