@@ -67,6 +67,7 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
     """
     import ray
 
+    from orchestrator.logged_model import log_run_model
     from orchestrator.progress import ProgressBoard, ProgressWatcher
     from orchestrator.tracking import Tracker, resolve_tracking_uri
 
@@ -94,6 +95,8 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
     try:
         result = torch_trainer(spec, loop_config).fit()
         reevaluation = _reevaluation(board) if reevaluating else None
+        if result.error is None and not reevaluating and spec.tracking.log_model:
+            log_run_model(tracker, run_id, spec)
     except Exception as err:
         _record_write_failure(tracker, run_id, spec, err)
         raise

@@ -1,7 +1,8 @@
 """Experiments that start from an earlier run: a method's path field (e.g. `init_from` of `linear_probe`,
 `teacher_from` of `diffkd`, `pipeline` of `generate`) and `data.generated` may name the earlier run by its MLflow
 run id, `mlflow:<run_id>`, by its experiment `name` in the same `storage_path`, `run:<name>` (so experiment files
-chain without copying ids), or give a path.
+chain without copying ids), by a registered model version it logged, `models:/NAME/VERSION` (or `@ALIAS`, or
+`/latest`; see orchestrator/logged_model.py), or give a path.
 
 An architecture search's result is referenced the same way with `best:` in front: `config.arch:
 best:run:<sweep name>` (or `best:mlflow:<parent run id>`, or `best:<sweep directory>`) is the best architecture
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from orchestrator import checkpoint as ckpt_io
+from orchestrator.logged_model import PREFIX as MODEL_PREFIX
+from orchestrator.logged_model import run_id_of
 from orchestrator.spec import ExperimentSpec, SpecError
 
 PREFIX = "mlflow:"
@@ -81,6 +84,9 @@ def _resolve_one(spec: ExperimentSpec, path: str | Path | None, key: str, value:
     if value.startswith(PREFIX):
         run_id = value.removeprefix(PREFIX)
         return str(_found(target, _run_dir_of_id(spec, path, key, run_id), path, key, value)), run_id
+    if value.startswith(MODEL_PREFIX):
+        run_id = _run_id_of_model(spec, path, key, value)
+        return str(_found(target, _run_dir_of_id(spec, path, key, run_id), path, key, value)), run_id
     if value.startswith(RUN_PREFIX):
         value = str(_found(target, _run_dir_of_name(spec, path, key, value.removeprefix(RUN_PREFIX)), path, key,
                            value))
@@ -121,6 +127,20 @@ def _run_dir_of_id(spec: ExperimentSpec, path: str | Path | None, key: str, run_
         raise SpecError(path, key, "a run of this orchestrator whose run directory is on a local or mounted path "
                         f"(tag run_dir: {run_dir})", found)
     return Path(run_dir)
+
+
+def _run_id_of_model(spec: ExperimentSpec, path: str | Path | None, key: str, model_uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.tracking import display_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(spec.tracking.tracking_uri)
+    try:
+        return run_id_of(uri, model_uri)
+    except MlflowException as err:
+        raise SpecError(path, key, "a registered model version (models:/NAME/VERSION, models:/NAME@ALIAS or "
+                        f"models:/NAME/latest) in the MLflow store {display_uri(uri)}: {err.message}",
+                        model_uri) from None
 
 
 def _run_dir_of_name(spec: ExperimentSpec, path: str | Path | None, key: str, name: str) -> Path:

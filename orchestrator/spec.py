@@ -278,6 +278,26 @@ class TrackingSpec(_Strict):
     experiment: str | None = None  # MLflow experiment; default: the method name
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
     tags: dict[str, str] = {}
+    log_model: bool = True  # a finished run logs its final model as an MLflow model (orchestrator/logged_model.py)
+    # ... and registers it as a new version of this model name (the key `register`; a pydantic model's class has a
+    # `register` attribute of its own, so the field takes another name)
+    model_name: str | None = Field(default=None, alias="register")
+
+    model_config = ConfigDict(**_Strict.model_config, serialize_by_alias=True, validate_by_name=False)
+
+    @field_validator("model_name")
+    @classmethod
+    def _a_model_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError("a registered model name of letters, digits, '_', '.' and '-'")
+        return name
+
+    @model_validator(mode="after")
+    def _registering_needs_the_model(self) -> TrackingSpec:
+        if self.model_name is not None and not self.log_model:
+            raise ValueError(f"register: {self.model_name} needs log_model: true (the registered version is the "
+                             "logged model)")
+        return self
 
 
 class ExperimentSpec(_Strict):
@@ -590,7 +610,7 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     for part in loc:
         annotation = model.model_fields[part].annotation
         model = next(t for t in (annotation, *getattr(annotation, "__args__", ())) if isinstance(t, type) and issubclass(t, BaseModel))
-    return list(model.model_fields)
+    return [field.alias or name for name, field in model.model_fields.items()]
 
 
 def did_you_mean(word: str, choices: Any) -> str:

@@ -68,7 +68,34 @@ def test_quickstart_end_to_end(ray_cluster, mlflow_uri, tmp_path, capsys) -> Non
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"experiment.yaml", "split.json", "final_metrics.json", "learning_curves.png"} <= artifacts
     assert_clean_curve(client, run.info.run_id, total=300, every=10)
+    registered_model_loads_back_and_evaluates_the_same(client, run, tmp_path)
     finished_run_answers_at_once_and_its_checkpoint_reproduces_it(tmp_path, run, capsys)
+
+
+def registered_model_loads_back_and_evaluates_the_same(client: MlflowClient, run, tmp_path: Path) -> None:
+    """The final model, logged and registered as quickstart-digits version 1, loads by `models:/` and gives the
+    run's test accuracy; as an `init_from` reference it names the run's final checkpoint."""
+    import mlflow.pytorch
+
+    from orchestrator.data import build_data
+    from orchestrator.launch import eval_batches
+    from orchestrator.references import resolve
+
+    model_uri = "models:/quickstart-digits/1"
+    assert run.data.tags["model_uri"] == model_uri
+    info = mlflow.models.get_model_info(model_uri)
+    assert info.run_id == run.info.run_id and info.metadata["method"] == "supervised"
+    assert info.metadata["config"]["arch"] == "small_cnn" and info.saved_input_example_info is not None
+    spec = spec_mod.load(QUICKSTART)
+    model, test = mlflow.pytorch.load_model(model_uri), build_data(spec.data, spec.seed, spec.views).test
+    correct = sum(spec.trainer.eval_step(model, batch, spec.method_config())["acc"].item()
+                  for batch in eval_batches(test, 256, 0, 1, torch.device("cpu")))
+    assert correct / len(test) == pytest.approx(run.data.metrics["eval/acc"], abs=1e-9)
+    finetune = resolve(spec_mod.load(QUICKSTART, [f"storage_path={tmp_path / 'runs'}", "name=finetune",
+                                                  f"config.init_from={model_uri}"]), QUICKSTART)
+    final = sorted((tmp_path / "runs" / "quickstart-digits").glob("checkpoint_0*"))[-1]
+    assert finetune.config["init_from"] == str(final)
+    assert finetune.tracking.tags["source.config.init_from"] == run.info.run_id
 
 
 def finished_run_answers_at_once_and_its_checkpoint_reproduces_it(tmp_path: Path, run, capsys) -> None:
@@ -202,6 +229,22 @@ def test_language_model_trains_under_ray_and_logs_perplexity(ray_cluster, mlflow
     assert run.info.status == "FINISHED" and run.data.tags["method"] == "lm"
     assert {"train/loss", "eval/loss", "eval/ppl"} <= set(run.data.metrics)
     assert "corpus.json" in {a.path for a in MlflowClient(mlflow_uri).list_artifacts(outcome.run_id)}
+    logged_deepspeed_model_evaluates_the_same(spec, run, outcome.metrics["eval/loss"])
+
+
+def logged_deepspeed_model_evaluates_the_same(spec: spec_mod.ExperimentSpec, run, loss: float) -> None:
+    """The logged model of a DeepSpeed ZeRO-2 run (its shards gathered on the driver) gives the run's test loss."""
+    import mlflow.pytorch
+
+    from orchestrator.data import build_data
+    from orchestrator.launch import eval_batches
+
+    model = mlflow.pytorch.load_model(run.data.tags["model_uri"])
+    test = build_data(spec.data, spec.seed, spec.views).test
+    with torch.no_grad():
+        sums = [spec.trainer.eval_step(model, batch, spec.method_config())
+                for batch in eval_batches(test, spec.eval.batch_size, 0, 1, torch.device("cpu"))]
+    assert sum(s["loss"].item() for s in sums) / sum(s["n"].item() for s in sums) == pytest.approx(loss, rel=1e-5)
 
 
 def test_workers_the_cluster_cannot_place_stop_naming_what_it_has(ray_cluster, mlflow_uri, tmp_path, capsys) -> None:

@@ -140,3 +140,27 @@ def test_bad_references_name_the_key(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(SpecError, match=r"config\.init_from: expected a run with a complete checkpoint in .*never-ran "
                        r"\(run that experiment first\), found 'run:never-ran'"):
         references.resolve(spec_mod.load(file, [f"storage_path={tmp_path}"]), file)
+
+
+def test_a_registered_model_version_resolves_to_the_run_that_logged_it(tmp_path: Path, monkeypatch) -> None:
+    """models:/NAME/VERSION, models:/NAME@ALIAS and models:/NAME/latest name the version's run, like mlflow:<id>;
+    an unknown name or version is refused naming the key."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run_dir = tmp_path / "runs" / "pretrain"
+    run_id = write_run(run_dir, uri, complete=(10, 20), broken=())
+    client = MlflowClient(uri)
+    client.create_registered_model("encoder")
+    client.create_model_version("encoder", f"runs:/{run_id}/model", run_id=run_id)
+    client.set_registered_model_alias("encoder", "champion", "1")
+    for reference in ("models:/encoder/1", "models:/encoder@champion", "models:/encoder/latest"):
+        file = probe_file(tmp_path, reference)
+        spec = references.resolve(spec_mod.load(file), file)
+        assert spec.method_config().init_from == str(run_dir / "checkpoint_000000020")
+        assert spec.tracking.tags["source.config.init_from"] == run_id
+    for reference in ("models:/encoder/7", "models:/nothing/1", "models:/encoder"):
+        file = probe_file(tmp_path, reference)
+        with pytest.raises(SpecError, match=r"config\.init_from: expected a registered model version"):
+            references.resolve(spec_mod.load(file), file)
