@@ -366,7 +366,7 @@ def _summary(spec: ExperimentSpec) -> str:
 
 
 def _print_outcome(outcome) -> None:
-    from orchestrator.tracking import display_uri
+    from orchestrator.tracking import display_uri, ui_link
 
     evals = {k: v for k, v in outcome.metrics.items() if k.startswith("eval/")}
     for key, value in sorted(evals.items()):
@@ -376,11 +376,12 @@ def _print_outcome(outcome) -> None:
     print(f"MLflow run {outcome.run_id} in {uri}")
     if uri.startswith("sqlite:"):
         print(f"open the UI with: mlflow ui --backend-store-uri {uri}")
+    print(f"the run in the UI: {ui_link(outcome.tracking_uri, outcome.run_id)}")
 
 
 def _print_sweep(outcome, spec: ExperimentSpec) -> None:
     from orchestrator.compare import format_table
-    from orchestrator.tracking import display_uri
+    from orchestrator.tracking import display_uri, ui_link
 
     print(format_table([{k: v for k, v in r.items() if k != "run_id"} for r in outcome.rows]))
     stopped = sum(r["status"] == "stopped early" for r in outcome.rows)
@@ -394,6 +395,7 @@ def _print_sweep(outcome, spec: ExperimentSpec) -> None:
     print(f"MLflow parent run {outcome.parent_run_id} in {uri}")
     if uri.startswith("sqlite:"):
         print(f"open the UI with: mlflow ui --backend-store-uri {uri}")
+    print(f"the sweep in the UI: {ui_link(outcome.tracking_uri, outcome.parent_run_id)}")
 
 
 def _print_best_architecture(best: dict, spec: ExperimentSpec) -> None:

@@ -33,6 +33,7 @@ GIT_ENV = ("LAB_GIT_SHA", "LAB_GIT_DIRTY", "LAB_GIT_DIFF")
 MAX_DIFF = 100_000  # characters of the uncommitted diff kept (an environment variable holds at most 128 KiB)
 # MLflow 3 opens an experiment on its runs table (model training) or on GenAI traces, by this tag
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 # Values that are credentials whatever their key, also inside longer strings. A `body` must look random (a digit,
 # or upper and lower case letters), so that words such as "sk-learn-compatible-models" stay.
 CREDENTIALS = [re.compile(r"(?<![A-Za-z0-9])" + pattern) for pattern in (
@@ -63,6 +64,18 @@ def resolve_tracking_uri(from_file: str | None) -> str:
 def display_uri(uri: str) -> str:
     """The tracking URI without credentials (user:password@host)."""
     return re.sub(r"//[^/@]+@", "//", uri)
+
+
+def ui_link(uri: str, run_id: str) -> str:
+    """The MLflow UI page of run `run_id`: on the tracking server itself for an http(s) store, else at `mlflow ui`'s
+    default address. `workflowType=machine_learning` opens the UI in its model-training mode: MLflow 3.17's UI
+    decides GenAI or model training by a switch of its own, stored per browser and starting on GenAI (traces),
+    not by the experiment's `mlflow.experimentKind` tag."""
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    base = display_uri(uri).rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def redact(tree: Any, also: Iterable[str] = ()) -> Any:

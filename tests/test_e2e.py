@@ -53,10 +53,13 @@ def test_quickstart_end_to_end(ray_cluster, mlflow_uri, tmp_path, capsys) -> Non
     accuracy = float(next(line for line in out.splitlines() if line.startswith("test acc:")).split()[-1])
     assert accuracy >= 0.90
     assert f"in {mlflow_uri}" in out and "mlflow ui --backend-store-uri" in out
+    run_page = re.search(r"the run in the UI: http://127.0.0.1:5000/#/experiments/(\d+)/runs/(\w+)\?workflowType="
+                         r"machine_learning$", out, re.MULTILINE)
+    assert run_page is not None
 
     client = MlflowClient(mlflow_uri)
     run = client.get_run(run_id_of(tmp_path / "runs" / "quickstart-digits"))
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run_page.groups() == (run.info.experiment_id, run.info.run_id)
     assert run.data.tags["method"] == "supervised" and run.data.tags["dataset"] == "digits"
     provenance = {"git_sha", "host", "experiment_file", "paper", "ray_version", "ray_address", "ray_job_id"}
     assert provenance <= set(run.data.tags)
