@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run (or resume) an experiment file on Ray and track it in MLflow")
     _add_file_args(run)
     run.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    run.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2", help="run it once per seed, as "
+                     "one repeat (mean +- std in MLflow; overrides the file's `repeat:` block)")
     run.add_argument("--reeval", action="store_true", help="evaluate a finished run's final checkpoint again "
                      "(without it, a finished run's stored result is printed and Ray is not started)")
     run.set_defaults(func=cmd_run)
@@ -73,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="MLflow run ids")
     compare.add_argument("--experiment", default=None, help="every run of this MLflow experiment")
     compare.add_argument("--sweep", default=None, metavar="ID_OR_NAME", help="the trials of a sweep (parent run id or name)")
+    compare.add_argument("--repeat", nargs="+", default=[], metavar="ID_OR_NAME", help="the seeds of repeats (parent "
+                         "run id or name <name>-repeat), as mean +- std")
+    compare.add_argument("--by-seed", action="store_true", help="one row per group of runs that differ only by seed, "
+                         "mean +- std (the default when a repeat is named)")
     compare.add_argument("--metrics", nargs="+", default=None, help="metrics to show (default: eval/* and train/loss)")
     compare.add_argument("--out", default="compare", help="directory for compare.csv, compare.md, compare.png")
     compare.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
@@ -130,6 +136,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed_list(text: str) -> list[int]:
+    """`--seeds 0,1,2` (range and uniqueness are checked with the file, as `repeat.seeds`)."""
+    try:
+        return [int(word) for word in text.split(",")]
+    except ValueError:
+        message = f"expected comma-separated integer seeds such as 0,1,2, found {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def _add_file_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", nargs="?", help="experiment YAML file")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -157,7 +172,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator import references
 
-    spec = references.resolve(preflight.load(args.file, args.overrides), args.file)
+    seeds = [] if args.seeds is None else [f"repeat.seeds={args.seeds}"]
+    spec = references.resolve(preflight.load(args.file, [*args.overrides, *seeds]), args.file)
+    if spec.repeat is not None and spec.tune is None:
+        return _run_repeat(args, spec)
     preflight.before_ray(spec, args.file, "run")
     log.info("%s", _summary(spec))
     import ray.train
@@ -179,6 +197,48 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 1
     _print_outcome(outcome)
     return 0
+
+
+def _run_repeat(args: argparse.Namespace, spec: ExperimentSpec) -> int:
+    """The experiment once per seed, as a sweep over `seed` (orchestrator/tune.py, "Repeats"); 0 when every seed
+    completed."""
+    from ray.tune import TuneError
+
+    from orchestrator.tune import finished_repeat, repeat_spec, sweep
+
+    spec = repeat_spec(spec, args.file)
+    preflight.before_ray(spec, args.file, "repeat")
+    finished = finished_repeat(spec)
+    if finished is not None:
+        print(f"every seed of repeat {spec.name} has finished; its stored result:")
+        _print_repeat(finished)
+        return 0
+    log.info("repeat over seeds %s of %s", spec.repeat.seeds, _summary(spec))
+    with run_lock.hold(spec.storage_path, spec.name):
+        _init_ray(args.address)
+        try:
+            outcome = sweep(spec, str(args.file))
+        except TuneError as err:
+            print(f"error: repeat {spec.name} failed: {err}\nrun the same command again to resume it", file=sys.stderr)
+            return 1
+    _print_repeat(outcome)
+    if outcome.interrupted:
+        print(f"repeat {spec.name} was interrupted: run the same command again to resume it", file=sys.stderr)
+        return 1
+    return 0 if all(r["status"] == "completed" for r in outcome.rows) else 1
+
+
+def _print_repeat(outcome) -> None:
+    from orchestrator.compare import aggregate, format_table
+    from orchestrator.tracking import display_uri, ui_link
+
+    print(format_table([{k: v for k, v in r.items() if k != "run_id"} for r in outcome.rows]))
+    summary = aggregate([r for r in outcome.rows if r["status"] == "completed"])
+    for key in sorted(k.removesuffix("_mean") for k in summary if k.endswith("_mean")):
+        print(f"{key}: {summary[key + '_mean']:.4f} ± {summary[key + '_std']:.4f}")
+    print(f"repeat directory: {outcome.sweep_dir}")
+    print(f"MLflow parent run {outcome.parent_run_id} in {display_uri(outcome.tracking_uri)}")
+    print(f"the repeat in the UI: {ui_link(outcome.tracking_uri, outcome.parent_run_id)}")
 
 
 def _print_finished(outcome, finished_at: float) -> None:
@@ -270,12 +330,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     uri = preflight.check_mlflow("orchestrator compare", args.tracking_uri, existing=True)
     try:
         client = MlflowClient(uri)
-        runs = compare.resolve_runs(client, args.run_ids, args.experiment, args.sweep)
+        runs = compare.resolve_runs(client, args.run_ids, args.experiment, args.sweep, args.repeat)
+        by_seed = args.by_seed or bool(args.repeat) or any(compare.is_repeat(client.get_run(i)) for i in args.run_ids)
     except (LookupError, MlflowException) as err:
         print(f"error: orchestrator compare: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     preflight.check_writable(args.out, "orchestrator compare", "--out")
-    table, files = compare.compare(client, runs, args.metrics, Path(args.out))
+    table, files = compare.compare(client, runs, args.metrics, Path(args.out), by_seed)
     print(table)
     print("wrote " + ", ".join(str(f) for f in files))
     return 0

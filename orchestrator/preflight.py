@@ -55,6 +55,10 @@ def before_ray(spec: ExperimentSpec, path: str | Path | None, command: str) -> N
     if command == "run" and spec.tune is not None:
         raise SpecError(path, "tune", "no `tune:` block for `orchestrator run` (run the sweep with `orchestrator "
                         "sweep`, or its base experiment once with --set tune=null name=NEW_NAME)", Shown("a sweep"))
+    if command in ("sweep", "search") and spec.repeat is not None:
+        raise SpecError(path, "repeat", f"no `repeat:` block for `orchestrator {command}` (run the repeat with "
+                        "`orchestrator run`; a sweep repeats its trials with seed: {grid: [0, 1, 2]} in tune.space)",
+                        Shown("a repeat"))
     check_inputs(spec, path)
     check_storage(spec.storage_path, path)
     check_mlflow(path, from_file=spec.tracking.tracking_uri, flag="tracking.tracking_uri")

@@ -264,6 +264,23 @@ class TuneSpec(_Strict):
     time_budget_s: float | None = Field(default=None, gt=0)
 
 
+class RepeatSpec(_Strict):
+    """`orchestrator run` trains the experiment once per seed, as one repeat (orchestrator/tune.py, "Repeats");
+    `--seeds 0,1,2` overrides it."""
+
+    seeds: list[typing.Annotated[int, Field(ge=0, lt=MAX_SEED, strict=True)]] = Field(max_length=1024)
+
+    @field_validator("seeds")
+    @classmethod
+    def _each_seed_once(cls, seeds: list[int]) -> list[int]:
+        if not seeds:
+            raise ValueError("at least one seed, e.g. [0, 1, 2]")
+        twice = [seed for i, seed in enumerate(seeds) if seed in seeds[:i]]
+        if twice:
+            raise ValueError(f"each seed once (seed {twice[0]} is listed twice)")
+        return seeds
+
+
 class EvalSpec(_Strict):
     every: int | None = Field(default=None, gt=0, le=MAX_STEPS)  # None: only at the end
     batch_size: int = Field(default=256, gt=0, le=MAX_BATCH)
@@ -313,6 +330,7 @@ class ExperimentSpec(_Strict):
     log_every: int = Field(default=10, gt=0, le=MAX_STEPS)
     storage_path: str = "runs"
     tune: TuneSpec | None = None  # `orchestrator sweep` runs it; `orchestrator run` ignores it
+    repeat: RepeatSpec | None = None  # `orchestrator run` trains once per seed (a repeat)
     tracking: TrackingSpec = TrackingSpec()
 
     @field_validator("name")

@@ -22,6 +22,13 @@ a crashed worker inside a trial is Ray Train's to restart.
 MLflow: one parent run per sweep and one child per trial, nested under it (params: the trial's overrides and the
 resolved config); the parent gets the trial table (CSV, Markdown) and a plot. Running the same command again
 restores the sweep (Tuner.restore): trials keep their child runs and nothing is logged twice.
+
+Repeats: `orchestrator run FILE --seeds 0,1,2` (or a `repeat: {seeds: [...]}` block) is a sweep named
+`<name>-repeat` whose space is a grid over `seed` (`repeat_spec`): one trial per seed, each the experiment itself
+with that seed, as many at once as the cluster holds. Its parent run (tags `repeat: "true"`, `seeds`) gets
+`<metric>_mean` and `<metric>_std` of every final metric over the completed seeds and the per-seed table
+(seeds.csv, seeds.md); the children are named `<name>-seed<k>`. Running the command again trains only the seeds
+that have not finished.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ SCHEDULER_ALIASES = {"asha": "async_hyperband", "bohb": "hb_bohb", "median": "me
 SEARCHER_ALIASES = {"random": "variant_generator", "grid": "variant_generator"}
 SEARCHER_SEED_ARG = {"optuna": "seed", "hyperopt": "random_state_seed", "bohb": "seed"}
 TRIAL_DRIVER_CPU = 0.01  # the trial driver only waits on its TorchTrainer; the workers hold the real resources
+REPEAT_SUFFIX = "-repeat"  # a repeat's directory and parent run: <name>-repeat (a plain run of <name> keeps its own)
 
 
 # ---------------------------------------------------------------------------------------------- the tune block
@@ -98,10 +106,21 @@ def trial_spec(spec: ExperimentSpec, overrides: dict[str, Any], path: str | Path
     """The experiment one trial runs: the file without `tune:`, the trial's overrides, `tune.resources`, and an
     evaluation + checkpoint every `report_every` steps (what the schedulers see)."""
     every = report_every(spec)
-    raw = {k: v for k, v in spec.model_dump(mode="json").items() if k != "tune"}
+    raw = {k: v for k, v in spec.model_dump(mode="json").items() if k not in ("tune", "repeat")}
     resources = {f"resources.{k}": v for k, v in spec.tune.resources.model_dump().items() if v is not None}
     fixed = {"eval.every": every, "checkpoint.every": every, "log_every": min(spec.log_every, every)}
+    if spec.repeat is not None:  # no scheduler looks at a repeat's reports: each seed runs the experiment as is
+        fixed = {}
     return spec_mod.validate(spec_mod.with_overrides(raw, {**overrides, **resources, **fixed}, path), path)
+
+
+def repeat_spec(spec: ExperimentSpec, path: str | Path | None = None) -> ExperimentSpec:
+    """The sweep that runs `spec` once per seed of its `repeat:` block: named `<name>-repeat`, a grid over `seed`
+    (one trial per seed, FIFO), with the experiment's own resources."""
+    tune = {"metric": "train/loss", "mode": "min", "space": {"seed": {"grid": list(spec.repeat.seeds)}},
+            "scheduler": {"name": "fifo"}, "searcher": {"name": "random"}}
+    overrides = {"name": spec.name + REPEAT_SUFFIX, "tune": tune}
+    return spec_mod.validate(spec_mod.with_overrides(spec.model_dump(mode="json"), overrides, path), path)
 
 
 def _checked_trial_spec(spec: ExperimentSpec, overrides: dict[str, Any], path: str | Path | None, where: str) -> None:
@@ -283,17 +302,43 @@ def sweep(spec: ExperimentSpec, spec_file: str = "<memory>") -> SweepOutcome:
         status = "FINISHED"
     finally:
         rows = compare.trial_rows(tracker.client, parent_id, spec.tune.metric)
-        if any(r["status"] == "running" for r in rows):  # Ctrl-C: Tune saved its state and returned
+        unstarted = spec.repeat is not None and len(rows) < len(spec.repeat.seeds)  # a seed still pending
+        if any(r["status"] == "running" for r in rows) or unstarted:  # Ctrl-C: Tune saved its state and returned
             status = "KILLED"
             _close_orphaned_children(tracker, parent_id)
             rows = compare.trial_rows(tracker.client, parent_id, spec.tune.metric)
-        best = compare.best_row(rows, spec.tune.metric, spec.tune.mode)
+        best = None if spec.repeat is not None else compare.best_row(rows, spec.tune.metric, spec.tune.mode)
         if nas_search.architecture_key(spec) is not None:
             nas_search.log_search(tracker, parent_id, spec, rows, best, search_logs)
             if status == "FINISHED" and best is not None:  # what `best:run:<name>` of a retraining reads
                 nas_search.write_best(sweep_dir, spec, best, parent_id)
-        _finish_parent_run(tracker, parent_id, spec, rows, best, status)
+        if spec.repeat is not None:
+            rows = _finish_repeat_run(tracker, parent_id, status)
+        else:
+            _finish_parent_run(tracker, parent_id, spec, rows, best, status)
     return SweepOutcome(parent_id, tracker.uri, sweep_dir.display, rows, best, resumed, status == "KILLED")
+
+
+def finished_repeat(spec: ExperimentSpec) -> SweepOutcome | None:
+    """A repeat (`repeat_spec`) whose seeds all completed, read from MLflow without starting Ray; else None."""
+    import mlflow.exceptions
+
+    from orchestrator import compare
+    from orchestrator.tracking import Tracker, resolve_tracking_uri
+
+    sweep_dir = RunDir(absolute_paths(spec).storage_path, spec.name)
+    remembered = sweep_dir.read("mlflow_run.json")
+    if remembered is None:
+        return None
+    tracker, parent_id = Tracker(resolve_tracking_uri(spec.tracking.tracking_uri)), json.loads(remembered)["run_id"]
+    try:
+        finished = tracker.client.get_run(parent_id).info.status == "FINISHED"
+        rows = compare.seed_rows(compare.children(tracker.client, parent_id))
+    except mlflow.exceptions.MlflowException:  # another MLflow store than the repeat's: run it
+        return None
+    if not finished or [r["status"] for r in rows] != ["completed"] * len(spec.repeat.seeds):
+        return None
+    return SweepOutcome(parent_id, tracker.uri, sweep_dir.display, rows, None, True, False)
 
 
 def _restorable(sweep_dir: RunDir) -> bool:
@@ -321,6 +366,10 @@ def _close_orphaned_children(tracker: Any, parent_id: str) -> None:
 def _open_parent_run(tracker: Any, spec: ExperimentSpec, sweep_dir: RunDir, spec_file: str) -> tuple[str, bool]:
     from orchestrator import tracking
 
+    if spec.repeat is not None:
+        return open_mlflow_run(tracker, spec, sweep_dir, spec_file, run_name=spec.name,
+                               extra_tags={"orchestrator.kind": "repeat", "repeat": "true", "sweep": spec.name,
+                                           "seeds": ",".join(map(str, spec.repeat.seeds))})
     return open_mlflow_run(tracker, spec, sweep_dir, spec_file, run_name=f"{spec.name} (sweep)",
                            extra_tags={"orchestrator.kind": "sweep", "sweep": spec.name,
                                        "tune.metric": spec.tune.metric, "tune.mode": spec.tune.mode,
@@ -348,7 +397,9 @@ def _tune_config(spec: ExperimentSpec, search_logs: str | None) -> Any:
     concurrency = tune.max_concurrent_trials or _concurrency_that_fits(spec)
     searcher = build_searcher(spec, max_concurrent=concurrency, log_dir=search_logs)
     limited_by_searcher = isinstance(searcher, BasicVariantGenerator)  # Tune wraps only Searchers in a limiter
-    return ray_tune.TuneConfig(metric=tune.metric, mode=tune.mode, num_samples=tune.num_samples,
+    repeat = spec.repeat is not None  # no metric: a repeat's trials are never compared with each other
+    return ray_tune.TuneConfig(metric=None if repeat else tune.metric, mode=None if repeat else tune.mode,
+                               num_samples=tune.num_samples,
                                max_concurrent_trials=None if limited_by_searcher else concurrency,
                                scheduler=build_scheduler(spec), search_alg=searcher,
                                time_budget_s=tune.time_budget_s, trial_name_creator=trial_name,
@@ -404,6 +455,26 @@ def _finish_parent_run(tracker: Any, parent_id: str, spec: ExperimentSpec, rows:
     tracker.client.set_terminated(parent_id, status=status)
 
 
+def _finish_repeat_run(tracker: Any, parent_id: str, status: str) -> list[dict[str, Any]]:
+    """A repeat's parent: `<metric>_mean` / `<metric>_std` of every final metric over the completed seeds, and
+    the per-seed table (seeds.csv, seeds.md). Only values that changed are logged, so a re-run logs nothing twice.
+    Returns the per-seed rows."""
+    from orchestrator import compare
+
+    rows = compare.seed_rows(compare.children(tracker.client, parent_id))
+    done = [row for row in rows if row["status"] == "completed"]
+    summary = {**compare.aggregate(done), "seeds/completed": len(done)}
+    logged = tracker.client.get_run(parent_id).data.metrics
+    changed = {k: v for k, v in summary.items() if logged.get(k) != v}
+    if changed:
+        tracker.client.log_batch(parent_id, metrics=_metrics(changed))
+    with compare.scratch_dir() as tmp:
+        for table in compare.write_tables(rows, tmp / "seeds"):
+            tracker.client.log_artifact(parent_id, str(table))
+    tracker.client.set_terminated(parent_id, status=status)
+    return rows
+
+
 def _metrics(values: dict[str, float]) -> list[Any]:
     from mlflow.entities import Metric
 
@@ -425,9 +496,11 @@ def run_trial(config: dict[str, Any], sweep: SweepContext) -> None:
     spec = trial_spec(base, config)
     tracker = Tracker(sweep.tracking_uri)
     trial_dir = RunDir(sweep.runs_root, trial_id)
-    run_id, _ = open_mlflow_run(tracker, spec, trial_dir, sweep.spec_file, run_name=_child_name(trial_id, config),
-                                extra_tags={"mlflow.parentRunId": sweep.parent_run_id, "sweep": base.name,
-                                            "trial_id": trial_id})
+    tags = {"mlflow.parentRunId": sweep.parent_run_id, "sweep": base.name, "trial_id": trial_id}
+    name = _child_name(trial_id, config)
+    if base.repeat is not None:  # a repeat's child: <name>-seed<k>, tagged with its seed
+        name, tags["seed"] = f"{base.name.removesuffix(REPEAT_SUFFIX)}-seed{config['seed']}", str(config["seed"])
+    run_id, _ = open_mlflow_run(tracker, spec, trial_dir, sweep.spec_file, run_name=name, extra_tags=tags)
     _log_architecture(tracker, run_id, base, config)
     start = _stage_start(ray_tune.get_checkpoint(), trial_dir)
     _log_start(tracker, run_id, trial_id, config, start)

@@ -124,7 +124,7 @@ CASES = [
     Case("list where a number goes", "optim.steps: expected a valid integer, found [10, 20]",
          {"optim": {"steps": [10, 20]}}),
     Case("unknown top-level key", "epochs: expected a known key (allowed here: name, method, seed, data, config, "
-         "optim, resources, eval, checkpoint, log_every, storage_path, tune, tracking), found an unknown key",
+         "optim, resources, eval, checkpoint, log_every, storage_path, tune, repeat, tracking), found an unknown key",
          {"epochs": 3}),
     Case("unknown method", "method: expected one of the known methods ({methods}); did you mean 'fixmatch'?, "
          "found 'fixmatch2'",

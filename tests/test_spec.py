@@ -73,7 +73,7 @@ BAD_FILES = [
     # (what is wrong, YAML text, the exact message after the file name)
     ("misspelt top-level key", GOOD + "seeed: 1\n",
      "seeed: expected a known key; did you mean 'seed'? (allowed here: name, method, seed, data, config, optim, "
-     "resources, eval, checkpoint, log_every, storage_path, tune, tracking), found an unknown key"),
+     "resources, eval, checkpoint, log_every, storage_path, tune, repeat, tracking), found an unknown key"),
     ("misspelt nested key", GOOD.replace("lr: 0.1", "lrr: 0.1"),
      "optim.lrr: expected a known key; did you mean 'lr'? (allowed here: name, lr, momentum, nesterov, weight_decay, "
      "betas, schedule, power, warmup_steps, milestones, gamma, steps, batch_size, grad_accum, clip_grad_norm, amp), "
