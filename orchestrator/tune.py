@@ -65,7 +65,10 @@ log = logging.getLogger("orchestrator")
 SCHEDULER_ALIASES = {"asha": "async_hyperband", "bohb": "hb_bohb", "median": "median_stopping_rule"}
 SEARCHER_ALIASES = {"random": "variant_generator", "grid": "variant_generator"}
 SEARCHER_SEED_ARG = {"optuna": "seed", "hyperopt": "random_state_seed", "bohb": "seed"}
-TRIAL_DRIVER_CPU = 0.01  # the trial driver only waits on its TorchTrainer; the workers hold the real resources
+# The trial driver only waits on its TorchTrainer; the workers hold the real resources. It asks for no CPU (a
+# fraction of one would leave a trial whose workers take every CPU unplaceable, e.g. the quickstart's 2 workers on a
+# 2-core machine) and, as Ray needs a non-zero request, for 1 MB of Ray's logical memory.
+TRIAL_DRIVER = {"CPU": 0, "memory": 2**20}
 REPEAT_SUFFIX = "-repeat"  # a repeat's directory and parent run: <name>-repeat (a plain run of <name> keeps its own)
 
 
@@ -387,7 +390,7 @@ def _trial_resources(spec: ExperimentSpec) -> dict[str, float]:
     """A trial driver only waits on its TorchTrainer; a run(cfg, ctx) method runs in it, with the run's
     resources."""
     if spec.trainer.run is None:
-        return {"CPU": TRIAL_DRIVER_CPU}
+        return TRIAL_DRIVER
     resources = trial_spec(spec, {}).resources
     return {"CPU": resources.cpus_per_worker, "GPU": resources.gpus_per_worker}
 

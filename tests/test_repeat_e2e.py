@@ -44,9 +44,10 @@ def interrupt_when_seed_finishes(client: MlflowClient, seed: str, timeout_s: flo
 def test_a_repeat_aggregates_its_seeds_and_resumes_only_the_unfinished_one(ray_cluster, mlflow_uri, tmp_path,
                                                                             capsys) -> None:
     path = tmp_path / "rep.yaml"
-    path.write_text(yaml.safe_dump({  # one worker holding 3 of the session's 4 CPUs: one seed at a time
+    # one worker holding all 4 CPUs of the session's Ray: one seed at a time, and the trial drivers must take none
+    path.write_text(yaml.safe_dump({
         "base": str(QUICKSTART), "name": "rep-e2e", "storage_path": str(tmp_path / "runs"),
-        "optim": {"steps": 6, "warmup_steps": 0, "batch_size": 32}, "resources": {"workers": 1, "cpus_per_worker": 3},
+        "optim": {"steps": 6, "warmup_steps": 0, "batch_size": 32}, "resources": {"workers": 1, "cpus_per_worker": 4},
         "eval": {"every": 3}, "checkpoint": {"every": 3}, "log_every": 3, "tracking": {"experiment": "rep-e2e"},
         "repeat": {"seeds": [0, 1]}}))
     client = MlflowClient(mlflow_uri)
