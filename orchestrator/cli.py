@@ -202,9 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_repeat(args: argparse.Namespace, spec: ExperimentSpec) -> int:
     """The experiment once per seed, as a sweep over `seed` (orchestrator/tune.py, "Repeats"); 0 when every seed
     completed."""
-    from ray.tune import TuneError
-
-    from orchestrator.tune import finished_repeat, repeat_spec, sweep
+    from orchestrator.tune import finished_repeat, repeat_spec
 
     spec = repeat_spec(spec, args.file)
     preflight.before_ray(spec, args.file, "repeat")
@@ -214,18 +212,39 @@ def _run_repeat(args: argparse.Namespace, spec: ExperimentSpec) -> int:
         _print_repeat(finished)
         return 0
     log.info("repeat over seeds %s of %s", spec.repeat.seeds, _summary(spec))
+    outcome = _sweep_under_lock(args, spec, "repeat")
+    if outcome is None:
+        return 1
+    _print_repeat(outcome)
+    if _interrupted(outcome, spec, "repeat"):
+        return 1
+    return 0 if all(r["status"] == "completed" for r in outcome.rows) else 1
+
+
+def _sweep_under_lock(args: argparse.Namespace, spec: ExperimentSpec, kind: str):
+    """tune.sweep(spec) holding the run's lock on a started Ray; None, after a one-line error, when it failed (its
+    state is kept: the same command resumes it)."""
+    from ray.tune import TuneError
+
+    from orchestrator.nas_search import SearchError
+    from orchestrator.tune import sweep
+
     with run_lock.hold(spec.storage_path, spec.name):
         _init_ray(args.address)
         try:
-            outcome = sweep(spec, str(args.file))
+            return sweep(spec, str(args.file))
         except TuneError as err:
-            print(f"error: repeat {spec.name} failed: {err}\nrun the same command again to resume it", file=sys.stderr)
-            return 1
-    _print_repeat(outcome)
+            print(f"error: {kind} {spec.name} failed: {err}\nrun the same command again to resume it", file=sys.stderr)
+        except SearchError as err:  # e.g. GENIUS's endpoint failed: one line, the sweep's state kept
+            print(f"error: {kind} {spec.name} stopped: {' '.join(str(err).split())} (its state is kept: run the same "
+                  "command again to resume it)", file=sys.stderr)
+    return None
+
+
+def _interrupted(outcome, spec: ExperimentSpec, kind: str) -> bool:
     if outcome.interrupted:
-        print(f"repeat {spec.name} was interrupted: run the same command again to resume it", file=sys.stderr)
-        return 1
-    return 0 if all(r["status"] == "completed" for r in outcome.rows) else 1
+        print(f"{kind} {spec.name} was interrupted: run the same command again to resume it", file=sys.stderr)
+    return outcome.interrupted
 
 
 def _print_repeat(outcome) -> None:
@@ -285,25 +304,11 @@ def cmd_sweep(args: argparse.Namespace, spec: ExperimentSpec | None = None) -> i
     spec = references.resolve(spec, args.file)
     preflight.before_ray(spec, args.file, "sweep")
     log.info("sweep of %s", _summary(spec))
-    from ray.tune import TuneError
-
-    from orchestrator.nas_search import SearchError
-    from orchestrator.tune import sweep
-
-    with run_lock.hold(spec.storage_path, spec.name):
-        _init_ray(args.address)
-        try:
-            outcome = sweep(spec, str(args.file))
-        except TuneError as err:
-            print(f"error: sweep {spec.name} failed: {err}\nrun the same command again to resume it", file=sys.stderr)
-            return 1
-        except SearchError as err:  # e.g. GENIUS's endpoint failed: one line, the sweep's state kept
-            print(f"error: sweep {spec.name} stopped: {' '.join(str(err).split())} (its state is kept: run the same "
-                  "command again to resume it)", file=sys.stderr)
-            return 1
+    outcome = _sweep_under_lock(args, spec, "sweep")
+    if outcome is None:
+        return 1
     _print_sweep(outcome, spec)
-    if outcome.interrupted:
-        print(f"sweep {spec.name} was interrupted: run the same command again to resume it", file=sys.stderr)
+    if _interrupted(outcome, spec, "sweep"):
         return 1
     return 0 if any(r["status"] != "error" for r in outcome.rows) else 1
 

@@ -241,7 +241,7 @@ def open_mlflow_run(tracker: Any, spec: ExperimentSpec, run_dir: RunDir, spec_fi
     run_id, resumed = tracker.open_run(run_dir, spec.tracking.experiment or spec.method, tags, run_name)
     if not resumed:
         params = tracking.flatten({k: v for k, v in spec.model_dump(mode="json").items() if k != "config"})
-        params.update(tracking.flatten(_asdict(spec.method_config()), "config."))
+        params.update(tracking.flatten(config_dict(spec.method_config()), "config."))
         tracker.log_params(run_id, params)
         tracker.log_text(run_id, _public_yaml(spec), "experiment.yaml")
         diff = tracking.git_diff(tracking.PROJECT)
@@ -326,7 +326,8 @@ def _public_yaml(spec: ExperimentSpec) -> str:
     return yaml.safe_dump(redact(spec.model_dump(mode="json")), sort_keys=False)
 
 
-def _asdict(config: Any) -> dict[str, Any]:
+def config_dict(config: Any) -> dict[str, Any]:
+    """A method's Config as plain JSON values (for MLflow params and a logged model's metadata)."""
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 

@@ -74,11 +74,12 @@ def log_final_model(client_uri: str, run_id: str, spec: ExperimentSpec, checkpoi
     import mlflow.pytorch
 
     from orchestrator.data import build_data
+    from orchestrator.launch import config_dict
 
     data = build_data(spec.data, spec.seed, spec.views)
     model = _load(spec.trainer.build(spec.method_config(), data.info), checkpoint)
     example = _input_example(data.test)
-    metadata = {"method": spec.method, "config": _plain(spec.method_config()), "experiment": spec.name,
+    metadata = {"method": spec.method, "config": config_dict(spec.method_config()), "experiment": spec.name,
                 "checkpoint": str(checkpoint)}
     mlflow.set_tracking_uri(client_uri)
     with _quiet(), mlflow.start_run(run_id=run_id, log_system_metrics=False):
@@ -141,12 +142,6 @@ def _input_example(dataset: Any) -> dict[str, Any]:
     """The first items of the test set as one batch, {key: numpy array}."""
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=EXAMPLE_ITEMS)))
     return {key: value.numpy() for key, value in batch.items()}
-
-
-def _plain(config: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
 
 
 def _requirements() -> list[str]:
