@@ -67,13 +67,13 @@ def plain_loop(raw: dict, threads: int) -> dict[str, float]:
 
 def orchestrated(raw: dict, storage: Path, dashboard: bool) -> dict[str, float]:
     """Through launch() on a local Ray: rate from the logged windows, first step from the first log's time."""
-    import ray
     from mlflow.tracking import MlflowClient
 
     from orchestrator import spec as spec_mod
     from orchestrator.launch import launch
+    from orchestrator.ray_session import init_ray
 
-    ray.init(num_cpus=raw["resources"]["cpus_per_worker"] + 1, include_dashboard=dashboard)
+    init_ray(dashboard=dashboard, num_cpus=raw["resources"]["cpus_per_worker"] + 1)
     t0 = time.time()
     outcome = launch(spec_mod.validate(raw))
     client = MlflowClient(outcome.tracking_uri)
@@ -93,8 +93,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True,
-                        help="start Ray's dashboard (as `orchestrator run` does)")
+    parser.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (orchestrator run --dashboard)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "overhead.json"))
     args = parser.parse_args()
 

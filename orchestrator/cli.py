@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -40,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run (or resume) an experiment file on Ray and track it in MLflow")
     _add_file_args(run)
-    run.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    _add_ray_args(run)
     run.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2", help="run it once per seed, as "
                      "one repeat (mean +- std in MLflow; overrides the file's `repeat:` block)")
     run.add_argument("--reeval", action="store_true", help="evaluate a finished run's final checkpoint again "
@@ -49,13 +48,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="run (or resume) the Ray Tune sweep of an experiment file's `tune:` block")
     _add_file_args(sweep)
-    sweep.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    _add_ray_args(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
     search = commands.add_parser("search", help="run (or resume) an architecture search: a sweep whose `tune.space` "
                                  "holds an `architecture` key, searched by GENIUS, evolution, TPE or random")
     _add_file_args(search)
-    search.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    _add_ray_args(search)
     search.set_defaults(func=cmd_search)
 
     submit = commands.add_parser("submit", help="run an experiment file (run, sweep or search) as a Ray job on a "
@@ -92,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                          "as the runs to predict use (their resources.cpus_per_worker; default: 1)")
     profile.add_argument("--quick", action="store_true", help="tiny shapes only, in seconds: checks a cluster's "
                          "set-up, too small to plan with")
-    profile.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    _add_ray_args(profile)
     profile.set_defaults(func=cmd_profile)
 
     plan = commands.add_parser("plan", help="predict the step time, memory and run time of an lm experiment under "
@@ -152,6 +151,12 @@ def _add_file_args(parser: argparse.ArgumentParser) -> None:
                         "the file)")
 
 
+def _add_ray_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--dashboard", action="store_true", help="start a local Ray with its dashboard and metrics "
+                        "(off by default: see orchestrator/ray_session.py)")
+
+
 def _file_after_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """`--set a=1 FILE`: --set takes every following word, so the file is the override without a `=`."""
     if "overrides" not in args or args.file is not None:
@@ -188,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_finished(*finished)
         return 0
     with run_lock.hold(spec.storage_path, spec.name):
-        _init_ray(args.address)
+        _init_ray(args)
         try:
             outcome = launch(spec, str(args.file))
         except ray.train.TrainingFailedError as err:
@@ -230,7 +235,7 @@ def _sweep_under_lock(args: argparse.Namespace, spec: ExperimentSpec, kind: str)
     from orchestrator.tune import sweep
 
     with run_lock.hold(spec.storage_path, spec.name):
-        _init_ray(args.address)
+        _init_ray(args)
         try:
             return sweep(spec, str(args.file))
         except TuneError as err:
@@ -358,7 +363,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).is_dir():
         raise SpecError("orchestrator profile", "--out", "a Parquet file to write", Shown("a directory"))
     preflight.check_writable(Path(args.out).parent if args.out else "profiles", "orchestrator profile", "--out")
-    _init_ray(args.address)
+    _init_ray(args)
     device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     out = Path(args.out or f"profiles/{socket.gethostname()}-{device}.parquet")
     if args.quick:
@@ -413,11 +418,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _init_ray(address: str | None) -> None:
-    import ray
+def _init_ray(args: argparse.Namespace) -> None:
+    from orchestrator.ray_session import init_ray
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    init_ray(args.address, dashboard=getattr(args, "dashboard", False))
 
 
 def _summary(spec: ExperimentSpec) -> str:

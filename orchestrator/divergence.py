@@ -9,7 +9,8 @@ With several ranks (DDP or DeepSpeed) one all-reduce (MIN) of a few int64 makes 
 step: a rank's loss can go NaN a step before another's. So the run stops at most `log_every` steps after the
 loss broke, and never writes a checkpoint after it.
 
-A NaN is deterministic: retrying from the last checkpoint would meet it again. `no_retry_callback` turns
+A NaN is deterministic: retrying from the last checkpoint would meet it again.
+`orchestrator.train_callbacks.NoRetryOnDeterministicErrors` turns
 `NonFiniteLossError` (and an unreadable dataset file's `DataFileError`, and a checkpoint write's persistent I/O
 error, `CheckpointWriteError`) into a Ray Train controller error, which Ray Train v2's failure policy does not retry
 (it retries worker errors up to `FailureConfig.max_failures`).
@@ -98,23 +99,3 @@ def zero3_shard(p: torch.nn.Parameter) -> torch.Tensor:
     shard = p.ds_tensor.detach()
     rank = torch.distributed.get_rank(group=p.ds_process_group)
     return shard[:max(0, min(shard.numel(), p.ds_numel - rank * shard.numel()))]
-
-
-def no_retry_callback() -> Any:
-    """A Ray Train UserCallback (on the controller) that re-raises a worker's NonFiniteLossError, DataFileError
-    (an unreadable dataset file) or CheckpointWriteError (disk full, ...): errors a retry would meet again. An
-    error raised by a controller callback becomes a ControllerError, which the default failure policy raises at
-    once instead of restarting the workers. Other worker errors are left to `FailureConfig.max_failures`. (Built
-    here so that importing this module needs no Ray.)"""
-    from ray.train import UserCallback
-
-    from orchestrator.checkpoint import CheckpointWriteError
-    from orchestrator.data.sources import DataFileError
-
-    class NoRetryOnDeterministicErrors(UserCallback):
-        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-            for error in worker_exceptions.values():
-                if isinstance(error, (NonFiniteLossError, DataFileError, CheckpointWriteError)):
-                    raise error
-
-    return NoRetryOnDeterministicErrors()

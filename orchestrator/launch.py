@@ -20,6 +20,7 @@ import logging
 import random
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -35,7 +36,7 @@ from torch import nn
 
 from orchestrator import checkpoint as ckpt_io
 from orchestrator import spec as spec_mod
-from orchestrator.divergence import LossGuard, NonFiniteLossError, local_weights, no_retry_callback
+from orchestrator.divergence import LossGuard, NonFiniteLossError, local_weights
 from orchestrator.optim import base_lr, build_optimizer, build_scheduler, default_param_groups, load_training_state
 from orchestrator.run_checkpoints import RunCheckpoints, fallback_message, forget_missing
 from orchestrator.spec import ExperimentSpec, Shown, SpecError
@@ -258,6 +259,7 @@ def torch_trainer(spec: ExperimentSpec, loop_config: dict[str, Any], name: str |
     from ray.train.torch import TorchTrainer
 
     from orchestrator.placement import controller_failure_limit
+    from orchestrator.train_callbacks import NoRetryOnDeterministicErrors
 
     name, storage_path = name or spec.name, storage_path or spec.storage_path
     loop_config = {**loop_config, "checkpoint_root": f"{storage_path.rstrip('/')}/{name}"}
@@ -279,7 +281,7 @@ def torch_trainer(spec: ExperimentSpec, loop_config: dict[str, Any], name: str |
                                              spec.resources.placement_timeout_s)),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # the step loop keeps only verified ones
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress replaces Ray Train's info lines
-            callbacks=[*callbacks, no_retry_callback()],
+            callbacks=[*callbacks, NoRetryOnDeterministicErrors()],
         ),
     )
 
@@ -406,6 +408,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from orchestrator.tracking import background_logger
+
     keep_ray_info_off_the_console()
     spec = spec_mod.validate(yaml.safe_load(loop_config["spec_yaml"]))
     context = ray.train.get_context()
@@ -414,9 +418,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if device.type == "cpu":  # Ray sets OMP_NUM_THREADS, but torch may already have sized its pool
         torch.set_num_threads(max(1, int(spec.resources.cpus_per_worker)))
     seed_everything(spec.seed, rank)
+    uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
+    with background_logger(uri, run_id) if rank == 0 else nullcontext() as logger:  # MLflow opens meanwhile
+        _train_rank(spec, loop_config, device, rank, world, logger)
+
+
+def _train_rank(spec: ExperimentSpec, loop_config: dict[str, Any], device: torch.device, rank: int, world: int,
+                logger: Any) -> None:
+    """One rank's run under Ray Train: build, resume from the newest verified checkpoint, train, evaluate."""
+    import ray.train
+
     setup = Setup.build(spec, device)
     engine = _engine(setup, device, rank, world)
-    logger = _metric_logger(loop_config, rank, setup.data.artifacts)
+    for name, obj in setup.data.artifacts.items() if logger is not None else ():
+        logger.log_dict(obj, name)
     checkpoints = RunCheckpoints(loop_config["checkpoint_root"], spec.checkpoint.keep)
     start = _resume_point(checkpoints, loop_config.get("initial_checkpoint"), rank, world, logger)
     position, last_checkpoint = Position(), None
@@ -449,22 +464,38 @@ def system_metrics(loop_config: dict[str, Any], resumed: bool) -> Iterator[None]
     run page's System metrics tab shows them. MLflow logs a sample once an interval has passed, so a run shorter
     than one interval has none."""
     import ray.train
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines on the console
     context = ray.train.get_context()
     if context.get_local_rank() != 0:
         yield
         return
     nodes = context.get_world_size() // context.get_local_world_size()
-    monitor = SystemMetricsMonitor(loop_config["run_id"], sampling_interval=SYSTEM_METRICS_INTERVAL_S,
-                                   resume_logging=resumed, node_id=f"node_{context.get_node_rank()}" if nodes > 1
-                                   else None, tracking_uri=loop_config["tracking_uri"])
-    monitor.start()
+    node = f"node_{context.get_node_rank()}" if nodes > 1 else None
+    monitor: list[Any] = []
+    starting = threading.Thread(target=lambda: monitor.append(_start_monitor(loop_config, resumed, node)),
+                                name="system-metrics", daemon=True)
+    starting.start()  # importing MLflow takes a second: the step loop starts meanwhile
     try:
         yield
     finally:
-        monitor.finish()
+        starting.join()
+        if monitor and monitor[0] is not None:
+            monitor[0].finish()
+
+
+def _start_monitor(loop_config: dict[str, Any], resumed: bool, node: str | None) -> Any:
+    """A started SystemMetricsMonitor, or None (with a warning) when it cannot start: training goes on."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines on the console
+        monitor = SystemMetricsMonitor(loop_config["run_id"], sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                       resume_logging=resumed, node_id=node, tracking_uri=loop_config["tracking_uri"])
+        monitor.start()
+        return monitor
+    except Exception as err:  # noqa: BLE001 - system metrics are optional
+        log.warning("system metrics are not recorded: %s", err)
+        return None
 
 
 def _resume_point(checkpoints: RunCheckpoints, initial: str | None, rank: int, world: int, logger: Any) -> str | None:
@@ -533,17 +564,6 @@ def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2**32)
     torch.manual_seed(seed + rank)
-
-
-def _metric_logger(loop_config: dict[str, Any], rank: int, artifacts: dict[str, Any]) -> Any:
-    if rank != 0:
-        return None
-    from orchestrator.tracking import MetricLogger
-
-    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"])
-    for name, obj in artifacts.items():
-        logger.log_dict(obj, name)
-    return logger
 
 
 def checkpoint_name(step: int) -> str:
@@ -744,6 +764,8 @@ class StepLoop:
             with self._write_errors_stop(position.step, str(directory)):
                 self.engine.save(directory, self.rank, position)
             stored = self.checkpoints.display(name) if self.checkpoints else str(directory)
+            if self.logger is not None:  # the metrics of every step the checkpoint covers are in MLflow first
+                self.logger.flush()
             with self._write_errors_stop(position.step, stored):
                 kept = self.report(metrics, directory, position.step)
         finally:

@@ -45,7 +45,6 @@ from typing import Any
 
 import yaml
 from ray import tune as ray_tune
-from ray.train import UserCallback
 from ray.tune.search import BasicVariantGenerator
 
 from orchestrator import nas_search
@@ -57,6 +56,7 @@ from orchestrator.search_space import Distribution, check_tunable, parse_space
 from orchestrator.spec import ExperimentSpec, SpecError
 from orchestrator.storage import RunDir
 from orchestrator.tracking import redact
+from orchestrator.train_callbacks import TrialReporter
 from trainers.nas import parse_arch_value
 
 log = logging.getLogger("orchestrator")
@@ -629,17 +629,6 @@ def _fit_reporting_to_tune(trainer: Any, reports: Any) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
-
-
-class TrialReporter(UserCallback):
-    """On the Train controller: hands rank 0's report and the persisted checkpoint to the trial driver through a
-    queue of size 1, so training waits for Tune as it would under `tune.report`."""
-
-    def __init__(self, reports: Any):
-        self.reports = reports
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        self.reports.put((dict(metrics[0]), checkpoint))
 
 
 class ChildRunCloser(ray_tune.Callback):

@@ -20,11 +20,11 @@ import torch
 
 from orchestrator import checkpoint as ckpt_io
 from orchestrator import spec as spec_mod
-from orchestrator.divergence import no_retry_callback
 from orchestrator.launch import train_in_process
 from orchestrator.method_run import STATE_FILE, MethodContext
 from orchestrator.run_checkpoints import SNAPSHOT, RunCheckpoints, fallback_message, forget_missing
 from orchestrator.storage import RunDir
+from orchestrator.train_callbacks import NoRetryOnDeterministicErrors
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 
@@ -260,7 +260,7 @@ def test_a_checkpoint_write_error_is_not_retried() -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert str(copy) == str(error) and copy.reason == "checkpoint write failed at step 140 (ENOSPC)"
     with pytest.raises(ckpt_io.CheckpointWriteError):
-        no_retry_callback().after_exception(None, {1: copy})
+        NoRetryOnDeterministicErrors().after_exception(None, {1: copy})
 
 
 def test_a_full_disk_stops_the_step_loop_and_removes_the_partial_checkpoint(tmp_path: Path) -> None:

@@ -14,8 +14,9 @@ import torch
 from orchestrator import checkpoint as ckpt_io
 from orchestrator import spec as spec_mod
 from orchestrator.data.sources import DataFileError
-from orchestrator.divergence import LossGuard, NonFiniteLossError, local_weights, no_retry_callback
+from orchestrator.divergence import LossGuard, NonFiniteLossError, local_weights
 from orchestrator.launch import train_in_process
+from orchestrator.train_callbacks import NoRetryOnDeterministicErrors
 from trainers import supervised
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
@@ -96,7 +97,7 @@ def test_the_errors_survive_pickling_and_only_they_are_not_retried() -> None:
     error = NonFiniteLossError("loss", 7, "supervised", "run", (5, "/runs/run/checkpoint_000000005"))
     copy = pickle.loads(pickle.dumps(error))
     assert str(copy) == str(error) and copy.reason == "non-finite loss at step 7"
-    callback = no_retry_callback()
+    callback = NoRetryOnDeterministicErrors()
     callback.after_exception(None, {0: ValueError("a crash")})
     with pytest.raises(NonFiniteLossError):
         callback.after_exception(None, {0: ValueError("collateral"), 1: copy})

@@ -8,7 +8,9 @@ Every image store returns one uint8 tensor (C,H,W) per index; augmentation happe
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
@@ -27,6 +29,8 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 STL10_MEAN, STL10_STD = (0.4408, 0.4279, 0.3867), (0.2682, 0.2610, 0.2686)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DIGITS_CACHE = Path("~/.cache/lab-orchestrator/digits")
+DIGITS_ARRAYS = ("images", "labels", "train", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 STL10_IMAGE_BYTES = 3 * 96 * 96
 
@@ -218,19 +222,48 @@ class ConcatImages:
 
 def _digits(spec: DataSpec) -> Source:
     """scikit-learn's bundled 8x8 digits; a fixed stratified 75/25 split (random_state=0): 1347 / 450 images."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = torch.from_numpy(np.round(digits.images * (255 / 16)).astype(np.uint8))[:, None]  # (1797,1,8,8)
-    labels = digits.target.astype(np.int64)
-    train, test = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=0)
-    train, test = np.sort(train), np.sort(test)
+    images, labels, train, test = _digits_split()
+    images = torch.from_numpy(images)[:, None]  # (1797,1,8,8) uint8
     mean, std = _channel_stats(images[train])
     return Source(
         TensorImages(images[train]), labels[train], TensorImages(images[test]), labels[test],
         num_classes=10, in_channels=1, default_size=8, mean=mean, std=std, hflip=False,
     )
+
+
+def _digits_split() -> tuple[np.ndarray, ...]:
+    """(images uint8 (1797,8,8), labels, train indices, test indices), computed once per scikit-learn version into
+    DIGITS_CACHE: importing scikit-learn cost every worker of the quickstart 1.3 s. A cache that cannot be read or
+    written only costs that import again."""
+    from importlib.metadata import version
+
+    path = DIGITS_CACHE.expanduser() / f"digits-scikit-learn-{version('scikit-learn')}.npz"
+    try:
+        with np.load(path) as cached:
+            return tuple(cached[key] for key in DIGITS_ARRAYS)
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        pass
+    arrays = _split_digits()
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(part, "wb") as file:
+            np.savez(file, **dict(zip(DIGITS_ARRAYS, arrays)))
+        os.replace(part, path)  # whole or absent: a reader never sees half a file
+    except OSError:
+        part.unlink(missing_ok=True)
+    return arrays
+
+
+def _split_digits() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    train, test = train_test_split(np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=0)
+    return images, labels, np.sort(train), np.sort(test)
 
 
 def _synthetic(spec: DataSpec) -> Source:
