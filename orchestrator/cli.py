@@ -153,8 +153,6 @@ def _add_file_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_ray_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--dashboard", action="store_true", help="start a local Ray with its dashboard and metrics "
-                        "(off by default: see orchestrator/ray_session.py)")
 
 
 def _file_after_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -421,7 +419,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _init_ray(args: argparse.Namespace) -> None:
     from orchestrator.ray_session import init_ray
 
-    init_ray(args.address, dashboard=getattr(args, "dashboard", False))
+    init_ray(args.address)
 
 
 def _summary(spec: ExperimentSpec) -> str:

@@ -89,7 +89,8 @@ def launch(spec: ExperimentSpec, spec_file: str = "<memory>") -> RunOutcome:
 
     board = ProgressBoard.remote()
     watcher = ProgressWatcher(board, spec.optim.steps)
-    loop_config = {"spec_yaml": spec_mod.to_yaml(spec), "tracking_uri": tracker.uri, "run_id": run_id, "board": board}
+    loop_config = {"spec_yaml": spec_mod.to_yaml(spec), "tracking_uri": tracker.uri, "run_id": run_id, "board": board,
+                   "launched_at": time.time()}
     watcher.start()
     result, reevaluation = None, None
     reevaluating = run_dir.read(RESULT) is not None
@@ -405,6 +406,7 @@ def keep_ray_info_off_the_console() -> None:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The per-worker function that Ray Train runs on every rank."""
+    entered = time.time()
     import ray.train
     import ray.train.torch
 
@@ -420,7 +422,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     seed_everything(spec.seed, rank)
     uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
     with background_logger(uri, run_id) if rank == 0 else nullcontext() as logger:  # MLflow opens meanwhile
-        _train_rank(spec, loop_config, device, rank, world, logger)
+        _train_rank(spec, {**loop_config, "entered_at": entered}, device, rank, world, logger)
 
 
 def _train_rank(spec: ExperimentSpec, loop_config: dict[str, Any], device: torch.device, rank: int, world: int,
@@ -448,10 +450,24 @@ def _train_rank(spec: ExperimentSpec, loop_config: dict[str, Any], device: torch
 
     if logger is not None and position.step:
         logger.set_tag("resumed_from_step", str(position.step))
+    if logger is not None:
+        logger.log(startup_metrics(loop_config, fresh=start is None), position.step)
     loop = StepLoop(setup, engine, device, rank, world, report, logger, loop_config["board"], last_checkpoint,
                     checkpoints)
     with system_metrics(loop_config, resumed=start is not None):
         loop.run(position)
+
+
+def startup_metrics(loop_config: dict[str, Any], fresh: bool) -> dict[str, float]:
+    """Where a start's time went before its first step: `startup/setup_s` from the train function's start to the
+    step loop (imports, data, model, process group, resume); on a fresh start of `orchestrator run` also
+    `startup/workers_s`, from the driver's fit() to the train function (Ray Train's controller and worker group). A
+    worker group restarted after a failure would count the training before it, so it is left out then."""
+    now, entered = time.time(), loop_config["entered_at"]
+    metrics = {"startup/setup_s": now - entered}
+    if fresh and loop_config.get("launched_at"):
+        metrics["startup/workers_s"] = entered - loop_config["launched_at"]
+    return metrics
 
 
 SYSTEM_METRICS_INTERVAL_S = 5.0  # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it

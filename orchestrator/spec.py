@@ -262,6 +262,9 @@ class TuneSpec(_Strict):
     resources: TrialResources = TrialResources()
     max_failures: int = Field(default=1, ge=-1, le=MAX_STEPS)  # restarts of a crashed trial from its last checkpoint
     time_budget_s: float | None = Field(default=None, gt=0)
+    # one process serves trial after trial; None: yes for methods that run in the trial (table lookups, path
+    # evaluation), which otherwise paid a process start and its imports each (about 3.5 s), no for Ray Train trials
+    reuse_actors: bool | None = None
 
 
 class RepeatSpec(_Strict):

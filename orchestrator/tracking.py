@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from itertools import takewhile
 from pathlib import Path
@@ -326,29 +326,31 @@ class MetricLogger:
 
 class BackgroundLogger:
     """A MetricLogger on a thread of its own, for rank 0 of a run: importing MLflow and opening its store (about
-    1.7 s of the quickstart's start) and every write happen off the step loop's path. Calls run in order; `flush`
-    waits for those queued and raises the first error one met (the step loop flushes before it reports a
-    checkpoint, so the metrics of every step a checkpoint covers are in MLflow when it exists); `close` flushes and
-    ends the thread."""
+    1.7 s of the quickstart's start) and every write happen off the step loop's path. Calls run in order, the
+    opening first; `flush` waits for those queued and raises the first error one met (the step loop flushes before
+    it reports a checkpoint, so the metrics of every step a checkpoint covers are in MLflow when it exists); `close`
+    flushes and ends the thread."""
 
     def __init__(self, tracking_uri: str, run_id: str):
-        self._calls: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
+        self._calls: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, args=(tracking_uri, run_id), name="mlflow-logger",
-                                        daemon=True)
+        self._logger: MetricLogger | None = None
+        self._submit(lambda: setattr(self, "_logger", MetricLogger(tracking_uri, run_id)))
+        self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
         self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self._put("log", dict(metrics), step, int(time.time() * 1000))  # stamped when logged, not when written
+        metrics, stamp = dict(metrics), int(time.time() * 1000)  # stamped when logged, not when written
+        self._submit(lambda: self._logger.log(metrics, step, stamp))
 
     def log_dict(self, obj: Any, name: str) -> None:
-        self._put("log_dict", obj, name)
+        self._submit(lambda: self._logger.log_dict(obj, name))
 
     def set_tag(self, key: str, value: str) -> None:
-        self._put("set_tag", key, value)
+        self._submit(lambda: self._logger.set_tag(key, value))
 
     def log_bytes(self, data: bytes, name: str) -> None:
-        self._put("log_bytes", data, name)
+        self._submit(lambda: self._logger.log_bytes(data, name))
 
     def flush(self) -> None:
         self._calls.join()
@@ -362,24 +364,20 @@ class BackgroundLogger:
         if not quiet:
             self._raise()
 
-    def _put(self, method: str, *args: Any) -> None:
+    def _submit(self, call: Callable[[], None]) -> None:
         self._raise()
-        self._calls.put((method, args))
+        self._calls.put(call)
 
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def _work(self, tracking_uri: str, run_id: str) -> None:
-        try:
-            logger = MetricLogger(tracking_uri, run_id)
-        except Exception as err:  # noqa: BLE001 - raised on the step loop's thread at its next call
-            self._error = err
+    def _work(self) -> None:
         while (call := self._calls.get()) is not None:
             try:
                 if self._error is None:
-                    getattr(logger, call[0])(*call[1])
-            except Exception as err:  # noqa: BLE001 - as above
+                    call()
+            except Exception as err:  # noqa: BLE001 - raised on the step loop's thread at its next call
                 self._error = err
             finally:
                 self._calls.task_done()

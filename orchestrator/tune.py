@@ -94,6 +94,9 @@ def check(spec: ExperimentSpec, raw: dict[str, Any], path: str | Path | None) ->
             for value in distribution.probe_values():
                 _checked_trial_spec(spec, {key: value}, path, f"{where}.{key}")
     build_scheduler(spec, path)
+    if tune.reuse_actors and spec.trainer.run is None:
+        raise SpecError(path, "tune.reuse_actors", f"false or null for method {spec.method!r} (its trials start a Ray "
+                        "Train worker group each; reuse serves methods that run in the trial, such as lookups)", True)
     if nas_search.architecture_key(spec) is not None:
         nas_search.check(spec, path)
         return
@@ -406,7 +409,13 @@ def _tune_config(spec: ExperimentSpec, search_logs: str | None) -> Any:
                                max_concurrent_trials=None if limited_by_searcher else concurrency,
                                scheduler=build_scheduler(spec), search_alg=searcher,
                                time_budget_s=tune.time_budget_s, trial_name_creator=trial_name,
-                               trial_dirname_creator=trial_name, reuse_actors=False)
+                               trial_dirname_creator=trial_name, reuse_actors=_reuse_actors(spec))
+
+
+def _reuse_actors(spec: ExperimentSpec) -> bool:
+    """Whether one trial process serves trial after trial (TuneSpec.reuse_actors)."""
+    reuse = spec.tune.reuse_actors
+    return spec.trainer.run is not None if reuse is None else reuse
 
 
 def _concurrency_that_fits(spec: ExperimentSpec) -> int:

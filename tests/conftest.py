@@ -19,7 +19,9 @@ def ray_cluster():
     """One local Ray for the whole session: 4 logical CPUs on 2 cores so a driver and two workers fit."""
     import ray
 
-    ray.init(num_cpus=4, object_store_memory=256 * 2**20, ignore_reinit_error=True,
+    from orchestrator.ray_session import init_ray
+
+    init_ray(num_cpus=4, object_store_memory=256 * 2**20,  # started as `orchestrator run` starts a local Ray
              runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

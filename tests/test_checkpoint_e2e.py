@@ -73,11 +73,12 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
 
 def test_a_full_disk_while_storing_a_checkpoint_stops_the_run_at_once(ray_cluster, mlflow_uri, tmp_path,
                                                                        capsys) -> None:
-    """A real ENOSPC in Ray's upload: once the run has started, the checkpoint folder of step 100 is made ahead
-    of it with model.pt pointing at /dev/full. One error, no retry, nothing of that checkpoint left."""
-    overrides = [f"storage_path={tmp_path}", "name=full", *SHORT]
+    """A real ENOSPC in Ray's upload: once the run has started, the checkpoint folder of step 200 is made ahead
+    of it with model.pt pointing at /dev/full, 180 steps after the first checkpoint (a trap at step 100 was missed
+    once in a loaded run, which then finished). One error, no retry, nothing of that checkpoint left."""
+    overrides = [f"storage_path={tmp_path}", "name=full", *SHORT, "optim.steps=240"]
     run_dir = tmp_path / "full"
-    trap = run_dir / "checkpoint_000000100"
+    trap = run_dir / "checkpoint_000000200"
 
     def plant() -> None:
         wait_for(lambda: (run_dir / "checkpoint_000000020").is_dir(), 240)
@@ -89,12 +90,12 @@ def test_a_full_disk_while_storing_a_checkpoint_stops_the_run_at_once(ray_cluste
     assert main(["run", str(QUICKSTART), "--set", *overrides]) == 1
     planter.join()
     err = capsys.readouterr().err
-    assert (f"error: run full failed: checkpoint write failed at step 100 (ENOSPC): could not write {trap}: "
+    assert (f"error: run full failed: checkpoint write failed at step 200 (ENOSPC): could not write {trap}: "
             "[ENOSPC] No space left on device (") in err
     assert "free of" in err and "free space (or fix the permissions)" in err
     assert not trap.exists()
     run = MlflowClient(mlflow_uri).get_run(run_id_of(run_dir))
     assert run.info.status == "FAILED"
-    assert run.data.tags["stopped_reason"] == "checkpoint write failed at step 100 (ENOSPC)"
+    assert run.data.tags["stopped_reason"] == "checkpoint write failed at step 200 (ENOSPC)"
     assert "resumed_from_step" not in run.data.tags  # Ray did not retry it
     assert all(verifies(d) for d in run_dir.glob("checkpoint_0*"))

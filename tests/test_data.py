@@ -366,3 +366,18 @@ def test_parquet(tmp_path):
     torch.testing.assert_close(pixels, expected, atol=1e-3, rtol=0)
     with pytest.raises(KeyError, match="data.label_column"):
         build_data(DataSpec(dataset="parquet", root=str(tmp_path), image_column="img"), seed=0, views="plain")
+
+
+def test_the_digits_split_is_cached_and_a_damaged_cache_is_rebuilt(tmp_path: Path, monkeypatch) -> None:
+    """Workers read scikit-learn's digits split from the cache instead of importing scikit-learn; a cache file
+    that does not read is computed and written again."""
+    from orchestrator.data import sources
+
+    monkeypatch.setattr(sources, "DIGITS_CACHE", tmp_path)
+    first = build_data(DataSpec(dataset="digits"), seed=0, views="plain")
+    (cached,) = tmp_path.glob("digits-scikit-learn-*.npz")
+    cached.write_bytes(cached.read_bytes()[:100])  # half a file
+    again = build_data(DataSpec(dataset="digits"), seed=0, views="plain")
+    assert len(first.train) == len(again.train) == 1347 and len(first.test) == len(again.test) == 450
+    assert torch.equal(first.test[5]["x"], again.test[5]["x"]) and first.test[5]["y"] == again.test[5]["y"]
+    assert np.load(cached)["train"].shape == (1347,) and not list(tmp_path.glob("*.part"))

@@ -64,6 +64,7 @@ def test_quickstart_end_to_end(ray_cluster, mlflow_uri, tmp_path, capsys) -> Non
     provenance = {"git_sha", "host", "experiment_file", "paper", "ray_version", "ray_address", "ray_job_id"}
     assert provenance <= set(run.data.tags)
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    assert run.data.metrics["startup/workers_s"] > 0 and run.data.metrics["startup/setup_s"] > 0
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
     assert run.data.params["optim.lr"] == "0.1" and run.data.params["config.arch"] == "small_cnn"

@@ -45,6 +45,9 @@ def test_genius_search_runs_end_to_end(ray_cluster, tmp_path: Path) -> None:
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 3 and all(c.data.tags["tune.status"] == "completed" for c in children)
     assert children and all(c.data.metrics["arch/mflops"] <= 70 for c in children)
+    pids = {json.loads(line)["pid"] for result in (tmp_path / "runs").glob("*/*/result.json")
+            for line in result.read_text().splitlines()}
+    assert 1 <= len(pids) < len(children)  # lookups share their trial process instead of starting one each
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"architectures.csv", "search_trajectory.png", "search"} <= artifacts

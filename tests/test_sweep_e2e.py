@@ -144,3 +144,17 @@ def test_pbt_clones_a_better_trials_checkpoint(ray_cluster, mlflow_uri, tmp_path
     assert source in trials and source != cloned[0].data.tags["trial_id"]
     learning_rates = MlflowClient(mlflow_uri).get_metric_history(cloned[0].info.run_id, "hp/optim.lr")
     assert len({m.value for m in learning_rates}) >= 2  # PBT changed its lr (perturbed by 0.8x / 1.2x)
+    assert_no_reserved_cpus_left()
+
+
+def assert_no_reserved_cpus_left(timeout_s: float = 30.0) -> None:
+    """Every placement group of the sweep's trials and worker groups is removed soon after it ends. A trial that
+    PBT pauses ends its Ray Train controller without a shutdown, and Ray Train's cleaner, which removes the worker
+    group's placement group then, needs Ray's state API: with a local Ray started without its dashboard the CPUs of
+    each paused trial stayed reserved, and a later test needing all 4 waited forever."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while (live := [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]):
+        assert time.monotonic() < deadline, f"placement groups still reserved: {live}"
+        time.sleep(0.5)

@@ -99,6 +99,7 @@ def test_bad_search_spaces_name_the_key(tmp_path: Path, entry, key, expected) ->
      "tune.scheduler.mutations.optim.lr.uniform", "low < high"),
     ({"num_samples": 0}, "tune.num_samples", "greater than 0"),
     ({"colour": 1}, "tune.colour", "a known key"),
+    ({"reuse_actors": True}, "tune.reuse_actors", "false or null for method 'supervised'"),
 ])
 def test_bad_tune_blocks_name_the_key(tmp_path: Path, block, key, expected) -> None:
     error = load_error(sweep_file(tmp_path, **block))

@@ -222,3 +222,33 @@ def test_an_experiment_file_logged_as_text_keeps_its_header_and_hides_its_secret
             f"tags: {{note: {CREDENTIALS['github']}}}\n")
     assert tracking.redact_yaml(text) == ("# planned from lm.yaml\n# 2 lines\nname: x\nsearcher:\n  api_key: '***'\n"
                                           "tags:\n  note: '***'\n")
+
+
+def test_the_background_logger_writes_in_order_and_flush_waits(mlflow_uri: str, tmp_path: Path) -> None:
+    """Rank 0's writes run on a thread; after `flush` everything queued is in MLflow, stamped when it was logged."""
+    tracker = tracking.Tracker(mlflow_uri)
+    run_id, _ = tracker.open_run(RunDir(str(tmp_path), "r"), "unit", {})
+    with tracking.background_logger(mlflow_uri, run_id) as logger:
+        for step in (10, 20, 30):
+            logger.log({"train/loss": 1.0 / step}, step)
+        logger.set_tag("stopped_reason", "none")
+        logger.log_dict({"vocab_size": 7}, "corpus.json")
+        logger.flush()
+        history = tracker.client.get_metric_history(run_id, "train/loss")
+        assert [m.step for m in sorted(history, key=lambda m: m.timestamp)] == [10, 20, 30]
+        assert tracker.client.get_run(run_id).data.tags["stopped_reason"] == "none"
+        logger.log({"train/loss": 0.01}, 40)
+    assert max(m.step for m in tracker.client.get_metric_history(run_id, "train/loss")) == 40  # closed: flushed
+
+
+def test_a_failed_write_is_raised_by_the_next_call_unless_another_error_is_on_its_way(
+        mlflow_uri: str, tmp_path: Path) -> None:
+    logger = tracking.BackgroundLogger(mlflow_uri, "no-such-run")
+    with pytest.raises(Exception, match="no-such-run"):
+        logger.flush()  # opening the logger read the run
+    with pytest.raises(Exception, match="no-such-run"):
+        logger.log({"train/loss": 1.0}, 1)
+    with pytest.raises(ValueError, match="the step loop's own error"):
+        with tracking.background_logger(mlflow_uri, "no-such-run") as failing:
+            failing.log({"train/loss": 1.0}, 1)
+            raise ValueError("the step loop's own error")
