@@ -1,17 +1,22 @@
-"""Validation of the performance model: predicted vs measured step time of the lm trainer under Ray, on layouts and
-sizes the profile never sampled. Measures, does not assert.
+"""Accuracy of the performance model: predicted vs measured step time of the lm trainer under Ray, on configurations
+the profile never sampled. Measures, does not assert.
 
-    .venv/bin/python benchmarks/perfmodel.py [--profile benchmarks/results/profile_cpu.parquet] [--steps 60]
+    .venv/bin/python benchmarks/perfmodel.py [--profile benchmarks/results/profile_cpu.parquet] [--steps 220]
+        [--sets test,validation,noise]
 
 1. Profile this machine (`orchestrator profile`, one thread per rank as the runs below use), unless --profile names
    an existing table; fit the regressors (their cross-validated error per operator is printed).
-2. For each held-out configuration (model size, sequence length, micro-batches, DDP or ZeRO 0-3, 1-2 workers):
-   predict the step time, then run experiments/lm/stdlib_rope.yaml with those overrides through `launch` on a local
-   Ray (logging every 20 steps, as the file does), and take the median of the logged windows' step times (global
-   batch / train/samples_per_s), without the first window (start-up).
-3. Mean and max absolute percentage error, and the time `orchestrator plan` takes for a 128-GPU, 13B-parameter
-   layout search on the H100 datasheet (and on this machine's profile, fitting included).
-Writes benchmarks/results/perfmodel.{md,json}.
+2. For each configuration of the chosen sets (model width, depth, sequence, micro-batches, DDP or ZeRO 0-3, 1-2
+   workers): predict the step time, then run experiments/lm/stdlib_rope.yaml with those overrides through `launch` on
+   a local Ray, logging every 20 steps as the file does, and take the median of the logged windows' step times
+   (global batch / train/samples_per_s) without the first window (start-up): 220 steps give 10 windows.
+   - `test`: frozen before the model's changes of issue 31 and never used to develop it: its error is the model's.
+   - `validation`: the configurations the model's error sources were studied on; use these to develop it.
+   - `noise`: the first four test configurations run again, for the measurement's run-to-run spread; each row also
+     has its windows' spread within the run.
+3. Mean and max absolute percentage error per set, and the time `orchestrator plan` takes for a 128-GPU,
+   13B-parameter layout search on the H100 datasheet (and on this machine's profile, fitting included).
+Writes benchmarks/results/perfmodel.{md,json} after each set.
 """
 
 from __future__ import annotations
@@ -35,7 +40,23 @@ RESULTS = REPO / "benchmarks" / "results"
 BASE = REPO / "experiments" / "lm" / "stdlib_rope.yaml"
 
 # (d_model, n_layers, n_heads, seq_len, batch, grad_accum, workers, zero stage or None for DDP)
-HELD_OUT = [
+TEST = [  # frozen on 2026-12-07, before the model changes of issue 31; do not tune the model on these
+    (64, 2, 2, 64, 32, 1, 1, None),
+    (160, 3, 4, 128, 16, 2, 1, None),
+    (224, 2, 7, 64, 24, 1, 2, None),
+    (96, 6, 4, 192, 8, 1, 2, 0),
+    (128, 2, 4, 256, 8, 4, 2, 1),
+    (192, 3, 6, 96, 16, 1, 2, 2),
+    (144, 4, 4, 160, 12, 2, 2, 3),
+    (288, 1, 8, 128, 16, 1, 1, 3),
+    (80, 5, 5, 320, 4, 2, 1, None),
+    (256, 3, 8, 48, 64, 1, 2, None),
+    (112, 7, 4, 64, 32, 1, 2, 2),
+    (384, 2, 6, 64, 8, 2, 2, 1),
+    (48, 4, 3, 384, 8, 1, 1, 0),
+    (176, 2, 4, 224, 8, 1, 2, 3),
+]
+VALIDATION = [  # the held-out set of the first model, whose errors were then studied on it
     (128, 4, 4, 128, 32, 1, 1, None),
     (128, 4, 4, 128, 32, 1, 2, None),
     (128, 4, 4, 128, 32, 1, 2, 0),
@@ -49,6 +70,7 @@ HELD_OUT = [
     (96, 3, 3, 96, 48, 3, 2, 1),
     (320, 2, 5, 128, 16, 1, 2, 0),
 ]
+SETS = {"test": TEST, "validation": VALIDATION, "noise": TEST[:4]}
 
 
 def overrides(config: tuple, steps: int, storage: str) -> list[str]:
@@ -62,35 +84,52 @@ def overrides(config: tuple, steps: int, storage: str) -> list[str]:
             "tracking.experiment=perfmodel-validation"]
 
 
-def measured_step(run_id: str, tracking_uri: str, batch: int) -> float:
+def window_steps(run_id: str, tracking_uri: str, batch: int) -> list[float]:
+    """Seconds per step of each logged window but the first (start-up)."""
     from mlflow.tracking import MlflowClient
 
     history = MlflowClient(tracking_uri).get_metric_history(run_id, "train/samples_per_s")
-    rates = [m.value for m in sorted(history, key=lambda m: m.step)][1:]
-    return statistics.median(batch / r for r in rates)
+    return [batch / m.value for m in sorted(history, key=lambda m: m.step)][1:]
 
 
-def validate(model: FittedModel, steps: int) -> list[dict]:
+def measure(configs: list[tuple], model: FittedModel, steps: int) -> list[dict]:
+    """One run per configuration on a local Ray: predicted and measured seconds per step."""
     import ray
 
     from orchestrator.launch import launch
+    from orchestrator.ray_session import init_ray
 
-    ray.init(num_cpus=4, ignore_reinit_error=True, runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+    init_ray(num_cpus=4)
     rows = []
     with tempfile.TemporaryDirectory() as storage:
-        for config in HELD_OUT:
+        for config in configs:
             spec = spec_mod.load(BASE, overrides(config, steps, storage) +
                                  [f"tracking.tracking_uri=sqlite:///{storage}/mlflow.db"])
             workload = from_spec(spec)
             predicted = step_time(workload, model, plan_mod.overlap_of(model))
             outcome = launch(spec, str(BASE))
-            measured = measured_step(outcome.run_id, outcome.tracking_uri, spec.optim.batch_size)
+            windows = window_steps(outcome.run_id, outcome.tracking_uri, spec.optim.batch_size)
+            measured = statistics.median(windows)
             rows.append({"config": spec.name, "params_m": workload.params() / 1e6, "predicted_s": predicted.step,
                          "measured_s": measured, "error_pct": 100 * (predicted.step / measured - 1),
+                         "windows": len(windows), "window_spread_pct": 100 * statistics.pstdev(windows) / measured,
                          **{f"pred_{k}": v for k, v in predicted.as_dict().items() if k != "step"}})
             print(json.dumps(rows[-1]), flush=True)
     ray.shutdown()
     return rows
+
+
+def summary(rows: list[dict]) -> dict:
+    errors = [abs(r["error_pct"]) for r in rows]
+    return {"rows": rows, "mape": statistics.mean(errors), "max_ape": max(errors)}
+
+
+def run_to_run(noise: list[dict], test: list[dict]) -> list[dict]:
+    """Each noise run against the test run of the same configuration: their difference over their mean."""
+    first = {r["config"]: r["measured_s"] for r in test}
+    return [{"config": r["config"], "first_s": first[r["config"]], "again_s": r["measured_s"],
+             "spread_pct": 200 * abs(r["measured_s"] - first[r["config"]]) / (r["measured_s"] + first[r["config"]])}
+            for r in noise if r["config"] in first]
 
 
 def plan_time(table: Path) -> dict:
@@ -110,8 +149,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default=None, help="an existing profile table (default: profile now)")
     parser.add_argument("--samples", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=220, help="logged every 20: 220 steps give 10 windows after "
+                        "the first")
+    parser.add_argument("--sets", default="test,validation,noise", help=f"comma-separated, of {', '.join(SETS)}")
     args = parser.parse_args()
+    names = args.sets.split(",")
+    if unknown := set(names) - set(SETS):
+        parser.error(f"--sets: unknown {sorted(unknown)}; expected some of {', '.join(SETS)}")
     table = Path(args.profile) if args.profile else RESULTS / "profile_cpu.parquet"
     if not args.profile:
         import ray
@@ -122,24 +166,36 @@ def main() -> None:
         print(f"profiled in {time.perf_counter() - started:.0f} s -> {table}")
         ray.shutdown()
     model = FittedModel(*read_table(table))
-    fits = model.summary()
-    rows = validate(model, args.steps)
-    errors = [abs(r["error_pct"]) for r in rows]
-    result = {"hardware": model.hardware, "regressors": fits, "held_out": rows,
-              "mape": statistics.mean(errors), "max_ape": max(errors), "plan": plan_time(table)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "perfmodel.json").write_text(json.dumps(result, indent=1, default=float))
-    (RESULTS / "perfmodel.md").write_text(markdown(result))
+    result = {"hardware": model.hardware, "steps": args.steps, "regressors": model.summary(),
+              "plan": plan_time(table), "sets": {}}
+    for name in names:
+        result["sets"][name] = summary(measure(SETS[name], model, args.steps))
+        if name == "noise" and "test" in result["sets"]:
+            result["run_to_run"] = run_to_run(result["sets"]["noise"]["rows"], result["sets"]["test"]["rows"])
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "perfmodel.json").write_text(json.dumps(result, indent=1, default=float))
+        (RESULTS / "perfmodel.md").write_text(markdown(result))
     print(markdown(result))
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Performance model on {result['hardware']}", "",
-             "| held-out configuration | params (M) | predicted s/step | measured s/step | error |", "|---|---|---|---|---|"]
-    lines += [f"| {r['config']} | {r['params_m']:.2f} | {r['predicted_s']:.4f} | {r['measured_s']:.4f} | "
-              f"{r['error_pct']:+.1f}% |" for r in result["held_out"]]
-    lines += ["", f"Mean absolute percentage error {result['mape']:.1f}%, max {result['max_ape']:.1f}%.", "",
-              "Cross-validated error per operator, time-weighted (the choice) and plain MAPE:", "",
+    lines = [f"# Performance model on {result['hardware']}", ""]
+    for name, found in result["sets"].items():
+        lines += [f"## {name} set ({len(found['rows'])} configurations, {result['steps']} steps each)", "",
+                  "| configuration | params (M) | predicted s/step | measured s/step | error | windows | "
+                  "window spread |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['config']} | {r['params_m']:.2f} | {r['predicted_s']:.4f} | {r['measured_s']:.4f} | "
+                  f"{r['error_pct']:+.1f}% | {r['windows']} | {r['window_spread_pct']:.1f}% |" for r in found["rows"]]
+        lines += ["", f"Mean absolute percentage error {found['mape']:.1f}%, max {found['max_ape']:.1f}%.", ""]
+    if result.get("run_to_run"):
+        lines += ["Run-to-run spread (the noise floor): the same configuration measured twice.", "",
+                  "| configuration | first s/step | again s/step | spread |", "|---|---|---|---|"]
+        lines += [f"| {r['config']} | {r['first_s']:.4f} | {r['again_s']:.4f} | {r['spread_pct']:.1f}% |"
+                  for r in result["run_to_run"]]
+        spreads = [r["spread_pct"] for r in result["run_to_run"]]
+        lines += ["", f"Mean run-to-run spread {statistics.mean(spreads):.1f}%, max {max(spreads):.1f}%.", ""]
+    lines += ["Cross-validated error per operator, time-weighted (the choice) and plain MAPE:", "",
               "| operator | key | chosen | analytic | hybrid | forest |", "|---|---|---|---|---|---|"]
     lines += [f"| {f['kind']} | {f['key']} | {f['choice']} | " + " | ".join(
               f"{f.get(f'cv_wape_{n}', float('nan')):.1f}% ({f.get(f'cv_mape_{n}', float('nan')):.1f}%)"
