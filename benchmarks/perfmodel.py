@@ -22,6 +22,7 @@ Writes benchmarks/results/perfmodel.{md,json} after each set.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import tempfile
@@ -73,10 +74,14 @@ VALIDATION = [  # the held-out set of the first model, whose errors were then st
 SETS = {"test": TEST, "validation": VALIDATION, "noise": TEST[:4]}
 
 
-def overrides(config: tuple, steps: int, storage: str) -> list[str]:
+def config_name(config: tuple) -> str:
     d, layers, heads, seq, batch, accum, workers, zero = config
-    name = f"perf-d{d}-l{layers}-s{seq}-b{batch}-m{accum}-w{workers}-z{'ddp' if zero is None else zero}"
-    return [f"name={name}", f"config.d_model={d}", f"config.n_layers={layers}", f"config.n_heads={heads}",
+    return f"perf-d{d}-l{layers}-s{seq}-b{batch}-m{accum}-w{workers}-z{'ddp' if zero is None else zero}"
+
+
+def overrides(config: tuple, steps: int, storage: str, run_name: str) -> list[str]:
+    d, layers, heads, seq, batch, accum, workers, zero = config
+    return [f"name={run_name}", f"config.d_model={d}", f"config.n_layers={layers}", f"config.n_heads={heads}",
             f"data.seq_len={seq}", f"optim.batch_size={batch}", f"optim.grad_accum={accum}", f"optim.steps={steps}",
             f"resources.workers={workers}", "resources.cpus_per_worker=1", "resources.max_failures=0",
             "resources.deepspeed=null" if zero is None else f"resources.deepspeed.zero_stage={zero}",
@@ -92,30 +97,25 @@ def window_steps(run_id: str, tracking_uri: str, batch: int) -> list[float]:
     return [batch / m.value for m in sorted(history, key=lambda m: m.step)][1:]
 
 
-def measure(configs: list[tuple], model: FittedModel, steps: int) -> list[dict]:
-    """One run per configuration on a local Ray: predicted and measured seconds per step."""
-    import ray
-
+def measure(set_name: str, model: FittedModel, steps: int, storage: str) -> list[dict]:
+    """One run per configuration of the set on the local Ray: predicted and measured seconds per step. Run names
+    carry the set, so a configuration measured again is a new run rather than a resumed one."""
     from orchestrator.launch import launch
-    from orchestrator.ray_session import init_ray
 
-    init_ray(num_cpus=4)
     rows = []
-    with tempfile.TemporaryDirectory() as storage:
-        for config in configs:
-            spec = spec_mod.load(BASE, overrides(config, steps, storage) +
-                                 [f"tracking.tracking_uri=sqlite:///{storage}/mlflow.db"])
-            workload = from_spec(spec)
-            predicted = step_time(workload, model, plan_mod.overlap_of(model))
-            outcome = launch(spec, str(BASE))
-            windows = window_steps(outcome.run_id, outcome.tracking_uri, spec.optim.batch_size)
-            measured = statistics.median(windows)
-            rows.append({"config": spec.name, "params_m": workload.params() / 1e6, "predicted_s": predicted.step,
-                         "measured_s": measured, "error_pct": 100 * (predicted.step / measured - 1),
-                         "windows": len(windows), "window_spread_pct": 100 * statistics.pstdev(windows) / measured,
-                         **{f"pred_{k}": v for k, v in predicted.as_dict().items() if k != "step"}})
-            print(json.dumps(rows[-1]), flush=True)
-    ray.shutdown()
+    for config in SETS[set_name]:
+        spec = spec_mod.load(BASE, overrides(config, steps, storage, f"{config_name(config)}-{set_name}") +
+                             [f"tracking.tracking_uri=sqlite:///{storage}/mlflow.db"])
+        workload = from_spec(spec)
+        predicted = step_time(workload, model, plan_mod.overlap_of(model))
+        outcome = launch(spec, str(BASE))
+        windows = window_steps(outcome.run_id, outcome.tracking_uri, spec.optim.batch_size)
+        measured = statistics.median(windows)
+        rows.append({"config": config_name(config), "params_m": workload.params() / 1e6, "predicted_s": predicted.step,
+                     "measured_s": measured, "error_pct": 100 * (predicted.step / measured - 1),
+                     "windows": len(windows), "window_spread_pct": 100 * statistics.pstdev(windows) / measured,
+                     **{f"pred_{k}": v for k, v in predicted.as_dict().items() if k != "step"}})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -166,16 +166,30 @@ def main() -> None:
         print(f"profiled in {time.perf_counter() - started:.0f} s -> {table}")
         ray.shutdown()
     model = FittedModel(*read_table(table))
-    result = {"hardware": model.hardware, "steps": args.steps, "regressors": model.summary(),
-              "plan": plan_time(table), "sets": {}}
-    for name in names:
-        result["sets"][name] = summary(measure(SETS[name], model, args.steps))
-        if name == "noise" and "test" in result["sets"]:
-            result["run_to_run"] = run_to_run(result["sets"]["noise"]["rows"], result["sets"]["test"]["rows"])
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "perfmodel.json").write_text(json.dumps(result, indent=1, default=float))
-        (RESULTS / "perfmodel.md").write_text(markdown(result))
+    result = {"hardware": model.hardware, "profile_sha256": hashlib.sha256(table.read_bytes()).hexdigest(),
+              "steps": args.steps, "regressors": model.summary(), "plan": plan_time(table), "sets": {}}
+    result["sets"] = earlier_sets(result)
+    from orchestrator.ray_session import init_ray
+
+    init_ray(num_cpus=4)
+    with tempfile.TemporaryDirectory() as storage:
+        for name in names:
+            result["sets"][name] = summary(measure(name, model, args.steps, storage))
+            if {"noise", "test"} <= set(result["sets"]):
+                result["run_to_run"] = run_to_run(result["sets"]["noise"]["rows"], result["sets"]["test"]["rows"])
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / "perfmodel.json").write_text(json.dumps(result, indent=1, default=float))
+            (RESULTS / "perfmodel.md").write_text(markdown(result))
     print(markdown(result))
+
+
+def earlier_sets(result: dict) -> dict:
+    """The sets of benchmarks/results/perfmodel.json measured with the same profile table and steps: a later
+    invocation with --profile and other --sets adds to them (the same model predicted every row)."""
+    path = RESULTS / "perfmodel.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    same = all(earlier.get(k) == result[k] for k in ("profile_sha256", "steps"))
+    return earlier.get("sets", {}) if same else {}
 
 
 def markdown(result: dict) -> str:
