@@ -115,9 +115,9 @@ def main() -> None:
     if args.local:
         per_seed = [train_seed_locally(args.space, seed, args.storage) for seed in args.seeds]
     else:
-        import ray
+        from orchestrator.ray_session import init_ray
 
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        init_ray(num_cpus=args.num_cpus)  # as `orchestrator sweep` starts it (the dashboard frees stopped trials)
         per_seed = [sweep_seed(args.space, seed, args.storage) for seed in args.seeds]
     result = table(args.space, per_seed)
     RESULTS.mkdir(exist_ok=True)
