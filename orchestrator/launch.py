@@ -666,7 +666,21 @@ class StepLoop:
     def run(self, position: Position) -> None:
         """Train from `position` to optim.steps, then evaluate. Started at the last step (a finished run evaluated
         again), it only evaluates: no checkpoint is written and nothing is logged twice."""
-        total, start = self.spec.optim.steps, position.step
+        start = position.step
+        self.train(position)
+        self._stop_if_diverged(position.step, weights=True)
+        final = self.evaluate(position.step)
+        trained = position.step > start
+        if not trained and self.rank == 0 and self.board is not None:  # the driver reads it: Ray's result keeps
+            self.board.post.remote({"step": position.step, "reevaluation": final})  # the checkpoint's metrics
+        self._report(final, position, with_checkpoint=trained, log_metrics=trained)
+        if self.rank == 0:
+            log.info("finished at step %d: %s", position.step, json.dumps(final))
+
+    def train(self, position: Position) -> None:
+        """The steps from `position` to optim.steps: a log line every log_every steps, evaluation and checkpoint
+        reports when they are due, and the last window's log line."""
+        total = self.spec.optim.steps
         batches = step_batches(self.setup.data.train, self.micro_batch, self.rank, self.world, self.spec.seed,
                                position.micro, self.spec.data.loader_workers, self.device)
         window = Window(self.spec.optim.batch_size)
@@ -687,14 +701,6 @@ class StepLoop:
         if window.count:
             self._stop_if_diverged(position.step)
             self._log(window.flush(), position.step)
-        self._stop_if_diverged(position.step, weights=True)
-        final = self.evaluate(position.step)
-        trained = position.step > start
-        if not trained and self.rank == 0 and self.board is not None:  # the driver reads it: Ray's result keeps
-            self.board.post.remote({"step": position.step, "reevaluation": final})  # the checkpoint's metrics
-        self._report(final, position, with_checkpoint=trained, log_metrics=trained)
-        if self.rank == 0:
-            log.info("finished at step %d: %s", position.step, json.dumps(final))
 
     def _optimizer_step(self, batches: Iterator[dict[str, torch.Tensor]], position: Position) -> dict[str, Any]:
         metrics = self.engine.optimizer_step(batches, position)
