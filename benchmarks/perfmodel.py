@@ -16,7 +16,8 @@ the profile never sampled. Measures, does not assert.
      has its windows' spread within the run.
 3. Mean and max absolute percentage error per set, and the time `orchestrator plan` takes for a 128-GPU,
    13B-parameter layout search on the H100 datasheet (and on this machine's profile, fitting included).
-Writes benchmarks/results/perfmodel.{md,json} after each set.
+Writes benchmarks/results/perfmodel.{md,json} after each set. `--repredict` runs nothing: it predicts the measured
+rows of the results file again with the current model (a new profile, or --profile's), e.g. after a model change.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from orchestrator import spec as spec_mod
@@ -97,6 +99,22 @@ def window_steps(run_id: str, tracking_uri: str, batch: int) -> list[float]:
     return [batch / m.value for m in sorted(history, key=lambda m: m.step)][1:]
 
 
+def prediction(config: tuple, model: FittedModel, steps: int, storage: str, set_name: str) -> tuple:
+    """(spec, workload, predicted breakdown) of a configuration."""
+    spec = spec_mod.load(BASE, overrides(config, steps, storage, f"{config_name(config)}-{set_name}") +
+                         [f"tracking.tracking_uri=sqlite:///{storage}/mlflow.db"])
+    workload = from_spec(spec)
+    return spec, workload, step_time(workload, model, plan_mod.overlap_of(model))
+
+
+def row(config: tuple, workload, predicted, windows: list[float]) -> dict:
+    measured = statistics.median(windows)
+    return {"config": config_name(config), "params_m": workload.params() / 1e6, "predicted_s": predicted.step,
+            "measured_s": measured, "error_pct": 100 * (predicted.step / measured - 1), "windows": len(windows),
+            "window_spread_pct": 100 * statistics.pstdev(windows) / measured, "window_s": windows,
+            **{f"pred_{k}": v for k, v in predicted.as_dict().items() if k != "step"}}
+
+
 def measure(set_name: str, model: FittedModel, steps: int, storage: str) -> list[dict]:
     """One run per configuration of the set on the local Ray: predicted and measured seconds per step. Run names
     carry the set, so a configuration measured again is a new run rather than a resumed one."""
@@ -104,19 +122,26 @@ def measure(set_name: str, model: FittedModel, steps: int, storage: str) -> list
 
     rows = []
     for config in SETS[set_name]:
-        spec = spec_mod.load(BASE, overrides(config, steps, storage, f"{config_name(config)}-{set_name}") +
-                             [f"tracking.tracking_uri=sqlite:///{storage}/mlflow.db"])
-        workload = from_spec(spec)
-        predicted = step_time(workload, model, plan_mod.overlap_of(model))
+        spec, workload, predicted = prediction(config, model, steps, storage, set_name)
         outcome = launch(spec, str(BASE))
-        windows = window_steps(outcome.run_id, outcome.tracking_uri, spec.optim.batch_size)
-        measured = statistics.median(windows)
-        rows.append({"config": config_name(config), "params_m": workload.params() / 1e6, "predicted_s": predicted.step,
-                     "measured_s": measured, "error_pct": 100 * (predicted.step / measured - 1),
-                     "windows": len(windows), "window_spread_pct": 100 * statistics.pstdev(windows) / measured,
-                     **{f"pred_{k}": v for k, v in predicted.as_dict().items() if k != "step"}})
+        rows.append(row(config, workload, predicted,
+                        window_steps(outcome.run_id, outcome.tracking_uri, spec.optim.batch_size)))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def repredicted(rows: list[dict], set_name: str, model: FittedModel, steps: int) -> list[dict]:
+    """The set's measured rows with the predictions of `model` (the measurements stand as they are)."""
+    configs = {config_name(config): config for config in SETS[set_name]}
+    out = []
+    for measured in rows:
+        config = configs[measured["config"]]
+        _, workload, predicted = prediction(config, model, steps, "/nonexistent", set_name)
+        windows = measured.get("window_s") or [measured["measured_s"]] * measured["windows"]
+        out.append({**row(config, workload, predicted, windows), "measured_s": measured["measured_s"],
+                    "window_spread_pct": measured["window_spread_pct"]})
+        out[-1]["error_pct"] = 100 * (predicted.step / measured["measured_s"] - 1)
+    return out
 
 
 def summary(rows: list[dict]) -> dict:
@@ -133,15 +158,20 @@ def run_to_run(noise: list[dict], test: list[dict]) -> list[dict]:
 
 
 def plan_time(table: Path) -> dict:
-    """Seconds for `plan` over every layout of a 13B-parameter model on 128 H100s (16 nodes) from the datasheet,
-    and over the layouts of 13B on 128 ranks of this machine's profile (reading and fitting it included)."""
+    """Seconds for `plan` over every layout of a 13B-parameter model on 128 H100s (16 nodes) from the datasheet
+    (the tracer's one-time import apart), and over the layouts of 13B on 128 ranks of this machine's profile
+    (reading and fitting it included)."""
     spec = spec_mod.load(REPO / "experiments" / "lm" / "gpt13b_zero3.yaml")
+    started = time.perf_counter()
+    from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401 (imports torch._dynamo, once a process)
+
+    imports = time.perf_counter() - started
     started = time.perf_counter()
     rows = plan_mod.plan(spec, plan_mod.predictor_for("h100"), devices=128, nodes=16)
     seconds = time.perf_counter() - started
     started = time.perf_counter()
     plan_mod.plan(spec, plan_mod.predictor_for(str(table)), devices=128, nodes=64)
-    return {"seconds": seconds, "layouts": len(rows), "fits": sum(r["fits"] for r in rows),
+    return {"seconds": seconds, "trace_imports_s": imports, "layouts": len(rows), "fits": sum(r["fits"] for r in rows),
             "best": next(r for r in rows if r["fits"]), "seconds_with_profile_fit": time.perf_counter() - started}
 
 
@@ -152,6 +182,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=220, help="logged every 20: 220 steps give 10 windows after "
                         "the first")
     parser.add_argument("--sets", default="test,validation,noise", help=f"comma-separated, of {', '.join(SETS)}")
+    parser.add_argument("--repredict", action="store_true", help="run nothing: predict the measured rows of "
+                        "benchmarks/results/perfmodel.json again, with the model of --profile (or a new profile)")
     args = parser.parse_args()
     names = args.sets.split(",")
     if unknown := set(names) - set(SETS):
@@ -167,7 +199,11 @@ def main() -> None:
         ray.shutdown()
     model = FittedModel(*read_table(table))
     result = {"hardware": model.hardware, "profile_sha256": hashlib.sha256(table.read_bytes()).hexdigest(),
-              "steps": args.steps, "regressors": model.summary(), "plan": plan_time(table), "sets": {}}
+              "steps": args.steps, "regressors": model.summary(), "overheads": asdict(model.overheads),
+              "node_factors": {"busy": model.busy_factor, "sync_skew": model.sync_skew}, "plan": plan_time(table)}
+    if args.repredict:
+        write(repredict_sets(result, model, names))
+        return
     result["sets"] = earlier_sets(result)
     from orchestrator.ray_session import init_ray
 
@@ -177,10 +213,25 @@ def main() -> None:
             result["sets"][name] = summary(measure(name, model, args.steps, storage))
             if {"noise", "test"} <= set(result["sets"]):
                 result["run_to_run"] = run_to_run(result["sets"]["noise"]["rows"], result["sets"]["test"]["rows"])
-            RESULTS.mkdir(exist_ok=True)
-            (RESULTS / "perfmodel.json").write_text(json.dumps(result, indent=1, default=float))
-            (RESULTS / "perfmodel.md").write_text(markdown(result))
+            write(result)
+
+
+def write(result: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "perfmodel.json").write_text(json.dumps(result, indent=1, default=float))
+    (RESULTS / "perfmodel.md").write_text(markdown(result))
     print(markdown(result))
+
+
+def repredict_sets(result: dict, model: FittedModel, names: list[str]) -> dict:
+    """The earlier results' measurements of the named sets, predicted by `model`; the run-to-run spread kept."""
+    earlier = json.loads((RESULTS / "perfmodel.json").read_text())
+    if earlier["steps"] != result["steps"]:
+        raise SystemExit(f"--repredict: the results were measured over {earlier['steps']} steps, not {result['steps']}")
+    sets = {name: summary(repredicted(earlier["sets"][name]["rows"], name, model, result["steps"]))
+            for name in names if name in earlier["sets"]}
+    return {**result, "sets": sets, "repredicted": True,
+            **({"run_to_run": earlier["run_to_run"]} if "run_to_run" in earlier else {})}
 
 
 def earlier_sets(result: dict) -> dict:
@@ -194,6 +245,8 @@ def earlier_sets(result: dict) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [f"# Performance model on {result['hardware']}", ""]
+    if result.get("repredicted"):
+        lines += ["The measurements are an earlier invocation's; the predictions are this model's (`--repredict`).", ""]
     for name, found in result["sets"].items():
         lines += [f"## {name} set ({len(found['rows'])} configurations, {result['steps']} steps each)", "",
                   "| configuration | params (M) | predicted s/step | measured s/step | error | windows | "
@@ -209,6 +262,12 @@ def markdown(result: dict) -> str:
                   for r in result["run_to_run"]]
         spreads = [r["spread_pct"] for r in result["run_to_run"]]
         lines += ["", f"Mean run-to-run spread {statistics.mean(spreads):.1f}%, max {max(spreads):.1f}%.", ""]
+    if "overheads" in result:
+        o, f = result["overheads"], result["node_factors"]
+        lines += [f"Fitted on the profile's calibration steps: {1e6 * o['dispatch_s']:.1f} us per traced call without "
+                  f"a kernel, {1e3 * o['micro_s']:.2f} ms per micro-batch, {1e3 * o['step_s']:.2f} ms per step, "
+                  f"{1e6 * o['module_s']:.1f} us per module and micro-batch under ZeRO-3; reference step: busy "
+                  f"factor {f['busy']:.3f}, sync skew {f['sync_skew']:.3f}.", ""]
     lines += ["Cross-validated error per operator, time-weighted (the choice) and plain MAPE:", "",
               "| operator | key | chosen | analytic | hybrid | forest |", "|---|---|---|---|---|---|"]
     lines += [f"| {f['kind']} | {f['key']} | {f['choice']} | " + " | ".join(
@@ -217,7 +276,8 @@ def markdown(result: dict) -> str:
     plan = result["plan"]
     best = json.dumps(plan["best"], default=float)
     lines += ["", (f"`plan` for 128 H100s (datasheet), 13B parameters: {plan['layouts']} layouts ({plan['fits']} "
-                   f"fit) in {plan['seconds']:.2f} s; best: {best}"),
+                   f"fit) in {plan['seconds']:.2f} s (and once a process {plan.get('trace_imports_s', 0):.1f} s to "
+                   f"import the fake-tensor tracer); best: {best}"),
               (f"From this machine's profile (reading and fitting the regressors included): "
               f"{plan['seconds_with_profile_fit']:.1f} s.")]
     return "\n".join(lines) + "\n"

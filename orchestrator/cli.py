@@ -355,7 +355,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     import ray
 
-    from orchestrator.perfmodel.profile import profile, read_table
+    from orchestrator.perfmodel.profile import CALIBRATION, profile, read_table
     from orchestrator.perfmodel.regress import FittedModel
 
     if args.out and Path(args.out).is_dir():
@@ -365,7 +365,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
     out = Path(args.out or f"profiles/{socket.gethostname()}-{device}.parquet")
     if args.quick:
-        profile(out, samples=min(args.samples, 12), collective_points=3, threads=args.threads, cap_scale=1e-3)
+        profile(out, samples=min(args.samples, 12), collective_points=3, threads=args.threads, cap_scale=1e-3,
+                calibration=CALIBRATION[:2], zero3_calibration=CALIBRATION[:1], calibration_steps=(6, 2))
     else:
         profile(out, samples=args.samples, threads=args.threads)
     model = FittedModel(*read_table(out))

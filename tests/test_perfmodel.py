@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +12,18 @@ import yaml
 
 from orchestrator import cli
 from orchestrator import spec as spec_mod
+from orchestrator.launch import TrainStep
 from orchestrator.perfmodel import microbench
 from orchestrator.perfmodel import plan as plan_mod
-from orchestrator.perfmodel.compose import Breakdown, step_time
+from orchestrator.perfmodel import trace as trace_mod
+from orchestrator.perfmodel.compose import Breakdown, Overheads, dispatch_calls, step_time, zero3_gathers
 from orchestrator.perfmodel.ops import COMPUTE, FEATURES, cost, micro_batch_ops
-from orchestrator.perfmodel.profile import draw_grid, read_table, write_table
-from orchestrator.perfmodel.regress import FittedModel, KindModel, node_factors
+from orchestrator.perfmodel.profile import CALIBRATION, draw_grid, read_table, write_table
+from orchestrator.perfmodel.regress import FittedModel, KindModel, calibration_workload, node_factors
+from orchestrator.perfmodel.trace import Recorder, traced_ops
 from orchestrator.perfmodel.workload import Workload, from_spec
 from orchestrator.spec import SpecError
-from trainers.lm import Config, LanguageModel
+from trainers.lm import Config, LanguageModel, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 LM = REPO / "experiments" / "lm"
@@ -27,15 +31,37 @@ SMALL = Workload(d_model=64, n_layers=2, n_heads=4, vocab=512, seq_len=32, batch
 
 
 class Constant:
-    """A predictor answering a fixed time per operator kind (1 ms unless given)."""
+    """A predictor answering a fixed time per operator kind (1 ms unless given), no overheads, and the busy factor
+    as every operator's contention."""
 
-    hardware, devices_per_node, busy_factor, sync_skew = "constant", 8, 1.0, 0.0
+    hardware, devices_per_node, busy_factor, sync_skew, overheads = "constant", 8, 1.0, 0.0, Overheads()
 
     def __init__(self, **seconds: float):
         self.seconds = seconds
 
     def predict(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:
         return np.full(len(shapes), self.seconds.get(kind, 1e-3))
+
+    def contention(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:
+        return np.full(len(shapes), self.busy_factor)
+
+
+def law_rows(kinds: tuple[str, ...], n: int = 8, seed: int = 0) -> list[dict]:
+    """Profile rows of `kinds` whose times follow t = 10 us + (FLOPs + bytes) / 10 G exactly (n < 10 shapes per
+    kind: the analytic regressor, no cross-validation); collectives over 2 ranks of one node."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for kind in kinds:
+        collective = kind in ("allreduce", "allgather", "reduce_scatter", "sendrecv")
+        for _ in range(n):
+            if collective:
+                shape = [int(2 ** rng.uniform(10, 26)), 2]
+            else:
+                shape = [int(np.exp(rng.uniform(np.log(2), np.log(4096)))) for _ in FEATURES[kind]]
+            flops, moved = cost(kind, tuple(shape), 4)
+            rows.append({"kind": kind, "shape": shape, "tier": "intra" if collective else "", "dtype": "float32",
+                         "ranks": 2 if collective else 1, "seconds": 1e-5 + (flops + moved) / 1e10})
+    return rows
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -56,6 +82,68 @@ def test_gemm_flops_are_two_matmuls_backward_for_one_forward() -> None:
     assert flops["layer_fwd"] == 2 * tokens * (4 * d * d + 2 * d * h)
     assert flops["layer_bwd"] == 2 * flops["layer_fwd"]
     assert flops["last_fwd"] == 2 * tokens * d * w.vocab and flops["last_bwd"] == 2 * flops["last_fwd"]
+
+
+def test_the_traced_step_has_the_analytic_kernels_and_the_work_they_miss() -> None:
+    """The trace of the real step has exactly the analytic list's GEMMs (FLOPs per part), attention and
+    LayerNorm calls, plus what that list leaves out: the head split/merge copies, the residual gradients'
+    accumulation, RoPE's elementwise work, and calls without a kernel (views)."""
+    w = SMALL.with_layout(batch=4)
+    traced, analytic = traced_ops(w), micro_batch_ops(w, "intra")
+
+    def per_part(ops: tuple | list, kind: str, measure=lambda op: 1.0) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for op in ops:
+            if op.kind == kind:
+                found[op.part] = found.get(op.part, 0.0) + op.count * measure(op)
+        return found
+
+    flops = lambda op: cost("gemm", op.shape, 4)[0]
+    assert per_part(traced, "gemm", flops) == per_part(analytic, "gemm", flops)
+    for kind in ("sdpa_fwd", "sdpa_bwd", "layernorm_fwd", "layernorm_bwd", "embedding_bwd", "cross_entropy_fwd"):
+        assert per_part(traced, kind) == per_part(analytic, kind), kind
+    elementwise = per_part(traced, "add", lambda op: op.shape[0])
+    tokens_d = w.micro_batch * w.seq_len * w.d_model
+    assert elementwise["layer_fwd"] > 4 * tokens_d and elementwise["layer_bwd"] > 4 * tokens_d
+    assert sum(per_part(traced, "dispatch").values()) > 50
+    deeper = traced_ops(w.with_layout(n_layers=5))  # the per-block calls do not depend on the depth
+    assert sorted(map(repr, deeper)) == sorted(map(repr, traced))
+
+
+def _calls_without_hooks(layers: int) -> Counter:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg = Config(d_model=32, n_layers=layers, n_heads=2, activation_checkpointing=True)
+    recorder = Recorder()
+    with FakeTensorMode():
+        model = LanguageModel(cfg, 100)
+        ids = torch.randint(100, (3, 16))
+        with recorder:
+            loss, _ = train_step(model, {"input_ids": ids, "labels": ids}, cfg, 0)
+            recorder.phase = "bwd"
+            (loss / 2).backward()
+            torch.zeros(()).add_(loss.detach().float())
+    return Counter(call[:5] for call in recorder.calls)
+
+
+def test_the_hooks_find_one_blocks_calls_and_micro_batch_sizes_interpolate() -> None:
+    """What the hooks call the block's part is what a second block adds to the step (with activation
+    checkpointing, whose recompute runs inside the backward pass); traces at micro-batch 1 and 2 give 3 exactly."""
+    sizes = (32, 2, 4.0, 100, 16, True, True)
+    traced = trace_mod.record(*sizes, 3)
+    block = Counter(call[:5] for call in traced if call[5] == "block")
+    assert block == _calls_without_hooks(2) - _calls_without_hooks(1)
+    assert trace_mod.calls(sizes, 3) == traced
+
+
+def test_a_13b_step_is_traced_on_fake_tensors() -> None:
+    w = Workload(d_model=5120, n_layers=40, n_heads=40, vocab=50257, seq_len=2048, batch=512, dp=128, grad_accum=2,
+                 dtype="bfloat16", checkpointing=True)
+    gemms = [op for op in traced_ops(w) if op.kind == "gemm" and op.part == "layer_bwd"]
+    # checkpointing reruns the forward's GEMMs but the last (torch's non-reentrant recompute stops once every saved
+    # tensor is back: the MLP's output is not one), then the 12 of the backward
+    assert sum(op.count for op in gemms) == 5 + 12
+    assert dispatch_calls(w) > dispatch_calls(w.with_layout(grad_accum=1))
 
 
 def test_tensor_parallel_splits_the_gemms_and_adds_two_all_reduces_per_pass() -> None:
@@ -149,17 +237,66 @@ def test_zero_stages_communicate_as_deepspeed_does() -> None:
     assert comm[0] == pytest.approx(ar)
     assert comm[1] == pytest.approx(rs + ag)
     assert comm[2] == pytest.approx(2 * rs + ag)  # a reduce-scatter after every micro-batch
-    modules = 1 + 8 * w.n_layers + 1  # embedding, 8 per block, final norm: gathered one by one
-    assert comm[3] == pytest.approx(2 * (2 * modules * ag + rs))  # for forward and backward, every micro-batch
+    assert comm[3] == pytest.approx(2 * rs)  # every tensor is under DeepSpeed's persistence threshold: kept
+    wide = w.with_layout(d_model=256, vocab=1000, zero=3)  # the embedding and the MLP's weights are over it
+    assert zero3_gathers(wide) == [4 * 256 * 1000] + [4 * 256 * 1024] * 4  # once per micro-batch: all reused
+    assert step_time(wide, predictor, 0.0).dp_comm == pytest.approx(2 * (5 * ag + rs))
     big = w.with_layout(d_model=1024, n_layers=4, zero=None)  # 200 MB of fp32 gradients: 8 DDP buckets of 25 MB
     assert step_time(big, predictor, overlap=1.0).dp_comm == pytest.approx(ar / 8)  # all but the last bucket hide
     assert step_time(big, predictor, overlap=0.0).dp_comm == pytest.approx(ar)
     assert step_time(w.with_layout(zero=None), predictor, overlap=1.0).dp_comm == pytest.approx(ar)  # one bucket
 
 
-def test_zero3_gathers_every_parameter_of_the_stage_once_per_pass() -> None:
+def test_zero3_modules_are_the_models_and_large_models_gather_again_for_backward() -> None:
     assert sum(SMALL.module_params()) == SMALL.params()
     assert sum(SMALL.with_layout(pp=2).module_params()) == SMALL.with_layout(pp=2).stage_params()
+    model = LanguageModel(Config(d_model=64, n_layers=3, n_heads=4), 512)
+    assert SMALL.with_layout(n_layers=3).modules() == len(list(TrainStep(model, train_step, None).modules()))
+    big = Workload(d_model=5120, n_layers=40, n_heads=40, vocab=50257, seq_len=2048, batch=512, dp=128, zero=3)
+    forward = sum(p for p in big.module_params() if p > 10**5)  # every module but the norms
+    gathered = sum(zero3_gathers(big)) / 4
+    assert forward < gathered < 2 * forward  # the last blocks' weights are reused within 1e9 elements
+
+
+def test_contention_grows_with_the_operators_size_and_defaults_to_the_busy_factor() -> None:
+    alone = law_rows(("gelu_fwd", "layernorm_fwd"), n=12)
+    busy = [{**r, "ranks": 2, "seconds": r["seconds"] * 1.05 * r["shape"][0] ** 0.02} for r in alone
+            if r["kind"] == "gelu_fwd"]
+    reference = {"reference_step": {"alone_s": 1.0, "busy_s": 1.2, "sync_s": 1.3, "allreduce_s": 0.05}}
+    model = FittedModel(alone + busy, {"hardware": "law", "device": "cpu", **reference})
+    small, large = model.contention("gelu_fwd", "float32", np.array([[100.0], [10.0**6]]))
+    assert (small, large) == pytest.approx((1.05 * 100**0.02, 1.05 * 10**(6 * 0.02)))
+    assert model.contention("layernorm_fwd", "float32", np.array([[8.0, 8.0]]))[0] == pytest.approx(1.2)
+
+
+def test_overheads_are_fitted_on_the_calibration_steps() -> None:
+    """Calibration steps that take the predicted operators plus 3 us per call without a kernel, 2 ms per
+    micro-batch, 5 ms per step, and under ZeRO-3 (against ZeRO-0, plus 7 ms both) 40 us per module and
+    micro-batch: the fit finds those."""
+    kinds = ("gemm", "sdpa_fwd", "sdpa_bwd", "layernorm_fwd", "layernorm_bwd", "gelu_fwd", "gelu_bwd", "add",
+             "embedding_fwd", "embedding_bwd", "cross_entropy_fwd", "cross_entropy_bwd", "adamw", "grad_norm",
+             "allreduce", "allgather", "reduce_scatter")
+    meta = {"hardware": "law", "device": "cpu", "devices_per_node": 2}
+    operators = law_rows(kinds)
+    bare = FittedModel(operators, meta)
+    truth = Overheads(dispatch_s=3e-6, step_s=5e-3, micro_s=2e-3, module_s=4e-5)
+    steps = []
+    for config in CALIBRATION:
+        row = {"kind": "step", "shape": [*config, 512, -1], "tier": "", "dtype": "float32", "ranks": 1}
+        w = calibration_workload(row)
+        extra = truth.dispatch_s * dispatch_calls(w) + truth.micro_s * w.grad_accum + truth.step_s
+        steps.append({**row, "seconds": step_time(w, bare, 0.0).step + extra})
+    bare.overheads = Overheads(dispatch_s=truth.dispatch_s, step_s=truth.step_s, micro_s=truth.micro_s)
+    for config in CALIBRATION[1:4]:
+        for zero in (3, 0):
+            row = {"kind": "step", "shape": [*config, 512, zero], "tier": "", "dtype": "float32", "ranks": 2}
+            w = calibration_workload(row)
+            hooks = truth.module_s * w.modules() * w.grad_accum if zero == 3 else 0.0
+            steps.append({**row, "seconds": step_time(w, bare, 0.0).step + 7e-3 + hooks})
+    fitted = FittedModel(operators + steps, meta).overheads
+    for name in ("dispatch_s", "step_s", "micro_s", "module_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-3), name
+    assert FittedModel(operators, meta).overheads == Overheads()  # no calibration steps: none
 
 
 def test_node_factors_from_the_reference_step_slow_multi_rank_steps_only() -> None:
@@ -235,9 +372,9 @@ def test_breakdown_step_is_the_sum_of_its_parts() -> None:
 @pytest.mark.ray
 def test_profile_then_plan_on_this_machine(ray_cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture) -> None:
-    """`orchestrator profile --quick` of this machine (compute, and collectives across Ray actors), then `plan` of
-    the CPU language model on 2 devices with it: a table, an override that `orchestrator check` accepts, an MLflow
-    run."""
+    """`orchestrator profile --quick` of this machine (compute alone and on both ranks at once, collectives across
+    Ray actors, calibration steps through the real step loop and DeepSpeed), then `plan` of the CPU language model
+    on 2 devices with it: a table, an override that `orchestrator check` accepts, an MLflow run."""
     table = tmp_path / "cpu.parquet"
     assert cli.main(["profile", "--quick", "--threads", "2", "--out", str(table)]) == 0  # 4 Ray CPUs: 2 ranks
     assert "wrote" in capsys.readouterr().out
@@ -246,6 +383,10 @@ def test_profile_then_plan_on_this_machine(ray_cluster: str, tmp_path: Path, mon
     assert all(reference[k] > 0 for k in ("alone_s", "busy_s", "sync_s", "allreduce_s"))  # their order is noise-prone
     assert {r["kind"] for r in rows} >= set(COMPUTE) | {"allreduce", "allgather", "reduce_scatter", "sendrecv"}
     assert meta["device"] == "cpu" and meta["devices_per_node"] == 2 and meta["threads"] == 2
+    steps = [r for r in rows if r["kind"] == "step"]  # real steps: 2 on one rank, ZeRO-3 and ZeRO-0 on both
+    assert sorted((r["ranks"], r["shape"][-1]) for r in steps) == [(1, -1), (1, -1), (2, 0), (2, 3)]
+    assert all(r["seconds"] > 0 for r in steps)
+    assert any(r["ranks"] == 2 and not r["tier"] for r in rows)  # compute with both ranks busy
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     file = str(LM / "stdlib_rope.yaml")

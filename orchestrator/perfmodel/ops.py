@@ -1,4 +1,6 @@
-"""The operators of one training step of trainers/lm.py, per device, with their shapes.
+"""The operator kinds, their features and roofline costs, and the analytic operator list of one training step of
+trainers/lm.py per device: the list a tensor-parallel layout is predicted from (trace.py traces the real step for
+every other layout; the analytic list has its kernels but not the elementwise work and views around them).
 
 Each `Op` names a `kind` (one regressor per kind and dtype, or per kind and tier for collectives), its feature
 values in FEATURES[kind] order, and how many times it runs per unit of its `part`:

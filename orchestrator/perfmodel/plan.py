@@ -42,6 +42,7 @@ class Cached:
         self.inner, self.table = predictor, {}
         self.hardware, self.devices_per_node = predictor.hardware, predictor.devices_per_node
         self.busy_factor, self.sync_skew = predictor.busy_factor, predictor.sync_skew
+        self.overheads, self.contention = predictor.overheads, predictor.contention
         self.recording: set[tuple[str, str, tuple[float, ...]]] | None = None
 
     def predict(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:

@@ -141,6 +141,13 @@ def profile_compute(group: RankGroup, dtype: torch.dtype, grid: list[tuple[str, 
 
 REFERENCE_STEP = {"cpu": (4096, 512, 2048), "cuda": (16384, 4096, 16384)}  # tokens, width, MLP hidden
 
+# Real steps of small language models (d_model, n_layers, n_heads, seq_len, micro_batch, grad_accum) on the text
+# corpus: what a step costs beyond its operators (regress.fit_overheads). None of them is in benchmarks/perfmodel.py.
+CALIBRATION = ((32, 1, 2, 32, 4, 1), (64, 2, 2, 64, 8, 2), (96, 3, 3, 48, 16, 1), (48, 2, 2, 256, 2, 1),
+               (128, 1, 4, 128, 4, 3), (160, 2, 5, 32, 24, 1), (64, 4, 4, 96, 6, 2), (224, 1, 7, 64, 8, 1))
+ZERO3_CALIBRATION = CALIBRATION[1:4]  # on every rank of a node, under DeepSpeed ZeRO-3 and ZeRO-0
+CALIBRATION_VOCAB = 8192
+
 
 def node_reference(group: RankGroup, tokens: int) -> dict[str, float]:
     """The reference step on every rank of a node at once: without communication (busy_s), and with the all-reduce
@@ -151,6 +158,37 @@ def node_reference(group: RankGroup, tokens: int) -> dict[str, float]:
     synced = max(ray.get([actor.reference_step.remote(tokens, True) for actor in group.actors]))
     allreduce = max(ray.get([actor.collective.remote("allreduce", synced[1]) for actor in group.actors]))
     return {"busy_s": busy[0], "sync_s": synced[0], "allreduce_s": allreduce}
+
+
+def calibration_spec(config: tuple[int, ...], world: int, zero: int | None, steps: int, window: int) -> Any:
+    """An lm experiment of `config` (see CALIBRATION) on `world` ranks: DDP (zero None) or a DeepSpeed ZeRO stage,
+    AdamW with clipping as the lab's recipes, a log line every `window` steps, no evaluation or checkpoint due."""
+    from orchestrator import spec as spec_mod
+
+    d, layers, heads, seq, micro, accum = config
+    return spec_mod.validate({
+        "name": "perfmodel-calibration", "method": "lm", "seed": 0,
+        "data": {"dataset": "text", "vocab_size": CALIBRATION_VOCAB, "seq_len": seq, "loader_workers": 0},
+        "config": {"d_model": d, "n_layers": layers, "n_heads": heads},
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "steps": steps, "batch_size": micro * accum * world,
+                  "grad_accum": accum, "clip_grad_norm": 1.0},
+        "resources": {"workers": world, "deepspeed": None if zero is None else {"zero_stage": zero}},
+        "checkpoint": {"every": steps + 1}, "log_every": window})
+
+
+def profile_calibration(group: RankGroup, configs: tuple[tuple[int, ...], ...], zero: int | None, steps: int,
+                        window: int) -> list[dict[str, Any]]:
+    """Each config's real step on the group's ranks: rows of kind "step", shape config + (vocab, zero stage or -1
+    for DDP), the median seconds per step of its logged windows."""
+    import ray
+
+    rows = []
+    for config in configs:
+        seconds = max(ray.get([actor.calibration_step.remote(config, zero, steps, window) for actor in group.actors]))
+        rows.append({"kind": "step", "shape": [*config, CALIBRATION_VOCAB, -1 if zero is None else zero], "tier": "",
+                     "dtype": "float32", "ranks": len(group.actors), "seconds": seconds})
+    log.info("timed %d calibration steps on %d rank(s), zero %s", len(rows), len(group.actors), zero)
+    return rows
 
 
 def message_sizes(largest: int, points: int) -> list[int]:
@@ -222,6 +260,8 @@ class RankBench:
 
         torch.set_num_threads(threads)
         self.rank, self.world = rank, world
+        # DeepSpeed (the ZeRO calibration steps) reads these; each actor sees its one GPU as device 0
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         dist.init_process_group("nccl" if use_gpu else "gloo", init_method=address, rank=rank, world_size=world)
 
@@ -264,12 +304,49 @@ class RankBench:
         seconds = microbench.seconds_per_call(step, self.device, warmup=3, iters=steps, statistic=statistics.fmean)
         return seconds, sum(p.numel() for p in params) * params[0].element_size()
 
+    def calibration_step(self, config: tuple[int, ...], zero: int | None, steps: int, window: int) -> float:
+        """Seconds per step of the real step loop (launch.StepLoop, its engine and data) at `config`: the median of
+        its logged windows but the first (start-up)."""
+        from orchestrator import launch
+
+        spec = calibration_spec(tuple(config), self.world, zero, steps, window)
+        setup = launch.Setup.build(spec, self.device)
+        if zero is None:  # one rank: Ray Train's prepare_model adds no DDP wrapper
+            step_module = launch.TrainStep(setup.model, setup.method.train_step, setup.cfg)
+            engine = launch.TorchEngine(setup, step_module, self.device, self.world)
+        else:
+            from orchestrator.deepspeed_engine import DeepSpeedEngine
+
+            engine = DeepSpeedEngine(setup, self.device, self.world)
+        windows = WindowLog()
+        loop = launch.StepLoop(setup, engine, self.device, self.rank, self.world, report=lambda *_: None,
+                               logger=windows if self.rank == 0 else None)
+        import torch.distributed as dist
+
+        dist.barrier()
+        loop.train(launch.Position())
+        per_step = [spec.optim.batch_size / rate for rate in windows.samples_per_s[1:]]
+        return statistics.median(per_step) if self.rank == 0 else 0.0
+
     def collective(self, kind: str, nbytes: int) -> float:
         import torch.distributed as dist
 
         call = microbench.collective_call(kind, nbytes, self.rank, self.world, self.device)
         dist.barrier()
         return microbench.seconds_per_call(call, self.device, warmup=3, iters=10)
+
+
+class WindowLog:
+    """The step loop's logger during calibration: keeps each window's throughput."""
+
+    def __init__(self) -> None:
+        self.samples_per_s: list[float] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.samples_per_s.append(metrics["train/samples_per_s"])
+
+    def set_tag(self, key: str, value: str) -> None:
+        pass
 
 
 def cluster_shape(use_gpu: bool, threads: int) -> tuple[int, int]:
@@ -303,9 +380,13 @@ def read_table(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 
 def profile(out: Path, samples: int = 40, collective_points: int = 10, seed: int = 0, threads: int = 1,
-            cap_scale: float = 1.0) -> Path:
+            cap_scale: float = 1.0, calibration: tuple[tuple[int, ...], ...] = CALIBRATION,
+            zero3_calibration: tuple[tuple[int, ...], ...] = ZERO3_CALIBRATION,
+            calibration_steps: tuple[int, int] = (24, 4)) -> Path:
     """Profile the running Ray cluster into `out`: its GPUs when it has any (bf16), else CPU ranks of `threads`
-    threads (fp32); compute alone and with a node's every rank busy, and the collectives within and across nodes.
+    threads (fp32); compute alone and, on CPUs, with a node's every rank busy; the collectives within and across
+    nodes; real steps of small models (`calibration` on one rank, `zero3_calibration` under ZeRO-3 and ZeRO-0 on
+    a node's ranks when DeepSpeed is installed), each `calibration_steps` = (steps, steps per logged window).
     The driver needs no device of its own. cap_scale < 1 keeps every sample small (a quick table for tests)."""
     import ray
 
@@ -320,10 +401,12 @@ def profile(out: Path, samples: int = 40, collective_points: int = 10, seed: int
         rows = profile_compute(alone, dtype, grid)
         hardware, memory = ray.get(alone.actors[0].describe.remote(per_node))
         reference = {"alone_s": ray.get(alone.actors[0].reference_step.remote(reference_tokens, False))[0]}
+        rows += profile_calibration(alone, calibration, None, *calibration_steps)
     for world in sorted({w for w in (2, 4, 8) if w < per_node} | ({per_node} if per_node > 1 else set())):
         with RankGroup("intra", world, use_gpu, threads) as group:
             if world == per_node:
                 reference.update(node_reference(group, reference_tokens))
+                rows += node_calibration(group, grid, dtype, use_gpu, zero3_calibration, calibration_steps)
             rows += profile_collectives(group, sizes)
     if nodes > 1:
         with RankGroup("inter", nodes, use_gpu, threads) as group:
@@ -331,3 +414,19 @@ def profile(out: Path, samples: int = 40, collective_points: int = 10, seed: int
     meta = {"hardware": hardware, "device": device, "threads": threads, "devices_per_node": per_node, "nodes": nodes,
             "memory_bytes": memory, "samples": samples, "seed": seed, "reference_step": reference}
     return write_table(rows, out, meta)
+
+
+def node_calibration(group: RankGroup, grid: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, use_gpu: bool,
+                     zero3_calibration: tuple[tuple[int, ...], ...], calibration_steps: tuple[int, int]) -> list[dict]:
+    """On every rank of a node at once: every other shape of the compute grid (CPU ranks share cores and memory
+    bandwidth, by how much depends on the operator and its size; GPUs share nothing), and the ZeRO-3 steps with
+    their ZeRO-0 twins (what DeepSpeed's per-module hooks cost)."""
+    import importlib.util
+
+    rows = [] if use_gpu else profile_compute(group, dtype, grid[::2])
+    if importlib.util.find_spec("deepspeed") is None:
+        log.warning("DeepSpeed is not installed: no ZeRO-3 calibration steps (the plan prices its hooks at 0)")
+        return rows
+    for zero in (3, 0):
+        rows += profile_calibration(group, zero3_calibration, zero, *calibration_steps)
+    return rows

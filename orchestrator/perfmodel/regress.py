@@ -11,6 +11,12 @@ point):
     hybrid    the analytic model times a forest fitted on log(t / analytic): the forest's corrections inside the
               range, the analytic slope outside it
 
+Two more fits make a step out of the operators (both from the profile's own samples, never from a validated run):
+the contention of each operator kind when the node's every rank runs at once, as a function of its size
+(`ContentionModel`), and what a real step costs beyond its operators (`fit_overheads`: per traced call without a
+kernel, per micro-batch, per step, and per module under ZeRO-3), by least squares on the profile's calibration
+steps.
+
 `Datasheet` predicts from a device's published peak throughput and bandwidths (with fixed efficiencies) when no
 profile of the hardware exists, e.g. planning a cluster of GPUs from a laptop.
 """
@@ -26,7 +32,9 @@ from scipy.optimize import nnls
 from sklearn.ensemble import RandomForestRegressor
 from sklearn.model_selection import KFold
 
+from orchestrator.perfmodel.compose import Overheads, dispatch_calls, step_time
 from orchestrator.perfmodel.ops import COLLECTIVES, cost
+from orchestrator.perfmodel.workload import Workload
 
 CANDIDATES = ("analytic", "hybrid", "forest")  # simplest first: a tie within TIE points goes to the simpler
 TIE = 0.5
@@ -97,8 +105,35 @@ def cross_validate(kind: str, word: int, shapes: np.ndarray, seconds: np.ndarray
                    "wape": 100.0 * float(np.abs(e).sum() / seconds.sum())} for name, e in errors.items()}
 
 
+@dataclass
+class ContentionModel:
+    """How much slower an operator kind runs with the node's every rank running it at once, against alone:
+    log(t_busy / t_alone) = c0 + c1 log(bytes) + c2 log(FLOPs), least squares over the profile's paired shapes,
+    never below 1."""
+
+    kind: str
+    word: int
+    coef: np.ndarray
+
+    @classmethod
+    def fit(cls, kind: str, word: int, shapes: np.ndarray, ratio: np.ndarray) -> ContentionModel:
+        if len(ratio) < 6:
+            return cls(kind, word, np.array([np.log(np.median(ratio)), 0.0, 0.0]))
+        coef = np.linalg.lstsq(cls._basis(kind, word, shapes), np.log(ratio), rcond=None)[0]
+        return cls(kind, word, coef)
+
+    @staticmethod
+    def _basis(kind: str, word: int, shapes: np.ndarray) -> np.ndarray:  # (N, 3)
+        costs = np.maximum(_cost_matrix(kind, shapes, word), 1.0)
+        return np.column_stack([np.ones(len(shapes)), np.log(costs[:, 1]), np.log(costs[:, 0])])
+
+    def factor(self, shapes: np.ndarray) -> np.ndarray:
+        return np.maximum(1.0, np.exp(self._basis(self.kind, self.word, shapes) @ self.coef))
+
+
 class FittedModel:
-    """Every operator kind of a profile table, each with its cross-validated choice of regressor."""
+    """Every operator kind of a profile table, each with its cross-validated choice of regressor; each compute
+    kind's contention on a busy node; the step's overheads."""
 
     def __init__(self, rows: list[dict[str, Any]], meta: dict[str, Any]):
         self.meta = meta
@@ -107,8 +142,9 @@ class FittedModel:
         self.busy_factor, self.sync_skew = node_factors(meta.get("reference_step", {}))
         self.models: dict[tuple[str, str], KindModel] = {}
         self.dtypes = sorted({row["dtype"] for row in rows if not row["tier"]})
+        operators = [row for row in rows if row["kind"] != "step" and (row["tier"] or row.get("ranks", 1) == 1)]
         groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for row in rows:
+        for row in operators:
             groups.setdefault((row["kind"], row["tier"] or row["dtype"]), []).append(row)
         for key, group in sorted(groups.items()):
             shapes = np.array([r["shape"] for r in group], dtype=float)
@@ -120,6 +156,9 @@ class FittedModel:
             model = KindModel(key[0], word).fit(shapes, seconds, choice)
             model.cv = cv
             self.models[key] = model
+        self.contended = fit_contention(rows)
+        self.overheads = Overheads()
+        self.overheads = fit_overheads(self, [row for row in rows if row["kind"] == "step"])
 
     def predict(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:
         """Seconds of `kind` at each shape; `key` is the dtype for compute, the tier for collectives (a profile of
@@ -130,10 +169,64 @@ class FittedModel:
             raise KeyError(f"the profile of {self.hardware} has no samples of {kind} ({key}); it has {known}")
         return model.predict(np.asarray(shapes, dtype=float))
 
+    def contention(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:
+        """Factor by which each shape of `kind` slows on a node whose every rank is busy: its kind's fit, else the
+        reference step's busy factor."""
+        shapes = np.asarray(shapes, dtype=float)
+        model = self.contended.get((kind, key))
+        return model.factor(shapes) if model is not None else np.full(len(shapes), self.busy_factor)
+
     def summary(self) -> list[dict[str, Any]]:
         return [{"kind": kind, "key": key, "choice": m.choice,
                  **{f"cv_{metric}_{name}": value for name, scores in m.cv.items() for metric, value in scores.items()}}
                 for (kind, key), m in self.models.items()]
+
+
+def fit_contention(rows: list[dict[str, Any]]) -> dict[tuple[str, str], ContentionModel]:
+    """Per compute kind and dtype: the shapes timed both alone and on every rank of a node at once."""
+    alone = {(r["kind"], r["dtype"], tuple(r["shape"])): r["seconds"] for r in rows
+             if not r["tier"] and r.get("ranks", 1) == 1 and r["kind"] != "step"}
+    pairs: dict[tuple[str, str], list[tuple[tuple[int, ...], float]]] = {}
+    for r in rows:
+        single = alone.get((r["kind"], r["dtype"], tuple(r["shape"])))
+        if not r["tier"] and r.get("ranks", 1) > 1 and r["kind"] != "step" and single:
+            pairs.setdefault((r["kind"], r["dtype"]), []).append((tuple(r["shape"]), r["seconds"] / single))
+    return {(kind, dtype): ContentionModel.fit(kind, WORD[dtype], np.array([s for s, _ in found], dtype=float),
+                                               np.array([ratio for _, ratio in found]))
+            for (kind, dtype), found in pairs.items()}
+
+
+def calibration_workload(row: dict[str, Any]) -> Workload:
+    """The workload of a calibration step row (profile.CALIBRATION): its config, vocabulary and ZeRO stage."""
+    d, layers, heads, seq, micro, accum, vocab, zero = row["shape"]
+    ranks = int(row["ranks"])
+    return Workload(d_model=d, n_layers=layers, n_heads=heads, vocab=vocab, seq_len=seq, batch=micro * accum * ranks,
+                    grad_accum=accum, dp=ranks, zero=None if zero < 0 else zero)
+
+
+def fit_overheads(model: FittedModel, steps: list[dict[str, Any]]) -> Overheads:
+    """The step's costs beyond its operators, from the calibration steps (none: zero). One rank: the measured
+    step minus its predicted operators = dispatch_s x (calls without a kernel) + micro_s x micro-batches + step_s,
+    non-negative least squares. ZeRO-3 on a node's ranks, against the same step under ZeRO-0 (which cancels what
+    both share): the difference left after the predicted collectives = module_s x modules x micro-batches."""
+    single = [(calibration_workload(r), r["seconds"]) for r in steps if r["ranks"] == 1]
+    if len(single) < 3:
+        return Overheads()
+    basis = np.array([[dispatch_calls(w), w.grad_accum, 1.0] for w, _ in single])
+    residual = np.array([seconds - step_time(w, model, 0.0).step for w, seconds in single])
+    dispatch_s, micro_s, step_s = nnls(basis, residual)[0]
+    model.overheads = Overheads(dispatch_s=dispatch_s, step_s=step_s, micro_s=micro_s)
+    multi = {(tuple(r["shape"][:7]), r["ranks"], r["shape"][7]): r for r in steps if r["ranks"] > 1}
+    x, y = [], []
+    for (config, ranks, zero), row in multi.items():
+        twin = multi.get((config, ranks, 0))
+        if zero != 3 or twin is None:
+            continue
+        w3, w0 = calibration_workload(row), calibration_workload(twin)
+        x.append(w3.modules() * w3.grad_accum)
+        y.append((row["seconds"] - step_time(w3, model, 0.0).step) - (twin["seconds"] - step_time(w0, model, 0.0).step))
+    module_s = max(0.0, float(np.dot(x, y) / np.dot(x, x))) if x else 0.0
+    return Overheads(dispatch_s=dispatch_s, step_s=step_s, micro_s=micro_s, module_s=module_s)
 
 
 def node_factors(reference: dict[str, float]) -> tuple[float, float]:
@@ -166,6 +259,10 @@ class Datasheet:
     other_efficiency: float = 0.5
     launch: float = 5e-6
     latency: dict[str, float] = field(default_factory=lambda: {"intra": 1e-5, "inter": 3e-5})
+    overheads: Overheads = field(default_factory=Overheads)
+
+    def contention(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:
+        return np.ones(len(shapes))  # a GPU's kernels do not share it with the node's other ranks
 
     def predict(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:
         shapes = np.asarray(shapes, dtype=float)

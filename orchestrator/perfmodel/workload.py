@@ -81,12 +81,22 @@ class Workload:
         d, h = self.d_model, self.hidden
         return 4 * d * d + 2 * d * h + h + d + 4 * d  # q, k, v, o (no bias); MLP with biases; two LayerNorms
 
-    def module_params(self) -> list[int]:
-        """Parameters of each module of the largest stage, per tensor-parallel rank: ZeRO-3 gathers them module
-        by module (q, k, v, o, the MLP's two linears, two LayerNorms per block; the embedding; the final norm)."""
+    def module_tensors(self) -> list[list[int]]:
+        """Elements of each parameter tensor, module by module in forward order, of the largest stage on one
+        tensor-parallel rank: the embedding; per block norm_1, q, k, v, o, norm_2 and the MLP's two linears (with
+        biases); the final norm."""
         d, h, t = self.d_model, self.hidden, self.tp
-        block = [d * d // t] * 4 + [(d * h + h) // t, (h * d) // t + d, 2 * d, 2 * d]
-        return [self.vocab_shard * d] + block * (self.n_layers // self.pp) + [2 * d]
+        block = [[d, d], *[[d * d // t]] * 4, [d, d], [h * d // t, h // t], [d * h // t, d]]
+        return [[self.vocab_shard * d], *block * (self.n_layers // self.pp), [d, d]]
+
+    def module_params(self) -> list[int]:
+        return [sum(tensors) for tensors in self.module_tensors()]
+
+    def modules(self) -> int:
+        """Modules of trainers/lm.py's model that DeepSpeed hooks (every one, parameters or not) on the largest
+        stage: the step wrapper, the model, the embedding, the block list and the final norm; per block the block,
+        two norms, the attention and its four projections, the MLP with its two linears, GELU and dropout."""
+        return 5 + 13 * (self.n_layers // self.pp)
 
     def embedding_params(self) -> int:
         return self.vocab * self.d_model
