@@ -346,7 +346,7 @@ class WindowLog:
         self.samples_per_s.append(metrics["train/samples_per_s"])
 
     def set_tag(self, key: str, value: str) -> None:
-        pass
+        """A diverged calibration step raises right after tagging; there is no run to tag."""
 
 
 def cluster_shape(use_gpu: bool, threads: int) -> tuple[int, int]:
