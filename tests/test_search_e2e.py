@@ -97,7 +97,11 @@ def test_genius_endpoint_faults_stop_the_search_in_one_line_and_a_resume_keeps_e
             done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
             errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
             assert done.returncode == 1 and len(errors) == 1, done.stdout[-3000:] + done.stderr[-3000:]
-            assert message in errors[0] and "its state is kept" in errors[0] and "Traceback" not in done.stderr
+            # the command's own output has no traceback (lines Ray forwards from a trial process it tears down,
+            # "(run_trial pid=N) ...", are that process's and can hold one from its interrupted shutdown)
+            own = [line for line in done.stderr.splitlines() if not re.search(r"\([\w.]+ pid=\d+", line)]
+            assert message in errors[0] and "its state is kept" in errors[0]
+            assert not any("Traceback" in line for line in own), "\n".join(own[-40:])
         done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
         sent = len(server.requests)
