@@ -107,12 +107,16 @@ def prediction(config: tuple, model: FittedModel, steps: int, storage: str, set_
     return spec, workload, step_time(workload, model, plan_mod.overlap_of(model))
 
 
+def predicted_fields(predicted, measured: float) -> dict:
+    return {"predicted_s": predicted.step, "error_pct": 100 * (predicted.step / measured - 1),
+            **{f"pred_{k}": v for k, v in predicted.as_dict().items() if k != "step"}}
+
+
 def row(config: tuple, workload, predicted, windows: list[float]) -> dict:
     measured = statistics.median(windows)
-    return {"config": config_name(config), "params_m": workload.params() / 1e6, "predicted_s": predicted.step,
-            "measured_s": measured, "error_pct": 100 * (predicted.step / measured - 1), "windows": len(windows),
-            "window_spread_pct": 100 * statistics.pstdev(windows) / measured, "window_s": windows,
-            **{f"pred_{k}": v for k, v in predicted.as_dict().items() if k != "step"}}
+    return {"config": config_name(config), "params_m": workload.params() / 1e6, "measured_s": measured,
+            "windows": len(windows), "window_spread_pct": 100 * statistics.pstdev(windows) / measured,
+            "window_s": windows, **predicted_fields(predicted, measured)}
 
 
 def measure(set_name: str, model: FittedModel, steps: int, storage: str) -> list[dict]:
@@ -135,12 +139,8 @@ def repredicted(rows: list[dict], set_name: str, model: FittedModel, steps: int)
     configs = {config_name(config): config for config in SETS[set_name]}
     out = []
     for measured in rows:
-        config = configs[measured["config"]]
-        _, workload, predicted = prediction(config, model, steps, "/nonexistent", set_name)
-        windows = measured.get("window_s") or [measured["measured_s"]] * measured["windows"]
-        out.append({**row(config, workload, predicted, windows), "measured_s": measured["measured_s"],
-                    "window_spread_pct": measured["window_spread_pct"]})
-        out[-1]["error_pct"] = 100 * (predicted.step / measured["measured_s"] - 1)
+        _, _, predicted = prediction(configs[measured["config"]], model, steps, "/nonexistent", set_name)
+        out.append({**measured, **predicted_fields(predicted, measured["measured_s"])})
     return out
 
 

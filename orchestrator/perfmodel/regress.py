@@ -157,7 +157,7 @@ class FittedModel:
             model.cv = cv
             self.models[key] = model
         self.contended = fit_contention(rows)
-        self.overheads = Overheads()
+        self.overheads = Overheads()  # the calibration steps' operators are predicted without any
         self.overheads = fit_overheads(self, [row for row in rows if row["kind"] == "step"])
 
     def predict(self, kind: str, key: str, shapes: np.ndarray) -> np.ndarray:
